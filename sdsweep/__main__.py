@@ -1,0 +1,49 @@
+"""`python -m sdsweep` runs one trial; `python -m sdsweep -m key=a,b ...` sweeps the matrix."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .config import GROUPS, register_configs
+
+register_configs()
+log = logging.getLogger("sdsweep")
+_single_run_status: list[str] = []
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sdsweep.conf", config_name="config")
+def trial(cfg: DictConfig) -> float | None:
+    from pathlib import Path
+
+    from .train import run_trial
+
+    hc = HydraConfig.get()
+    choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
+    metrics = run_trial(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task))
+    _single_run_status.append(metrics["status"])
+    if metrics["status"] == "finished":
+        log.info("trial finished: final loss %.4f in %.1f s -> %s", metrics["final_loss"], metrics["wall_s"],
+                 hc.runtime.output_dir)
+    else:
+        log.error("trial %s: %s", metrics["status"], metrics.get("reason"))
+    return metrics.get("final_loss")
+
+
+def main() -> None:
+    # W&B and the hub must never block the embedded default; users opt in with tracking.mode=online
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from . import callbacks
+
+    trial()  # hydra.main parses sys.argv
+    failed = callbacks.FAILED_TRIALS if callbacks.SWEEP_DONE else _single_run_status.count("failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

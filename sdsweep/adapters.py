@@ -1,0 +1,156 @@
+"""Build the peft adapter config from the `adapter` and `targets` groups, attach, save.
+
+peft provides LoRA, DoRA, LoHa and LoKr; this module only turns the config into peft
+configs, resolves target patterns against the loaded network (so a pattern set that
+matches nothing is caught with real module names in the message), and saves the result
+in the format diffusers' `load_lora_weights` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .config import AdapterConfig
+from .io import atomic_dir
+
+# Layer types peft can wrap with every adapter kind we offer.
+ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class TargetError(ValueError):
+    """A targets pattern set matched no adaptable module."""
+
+
+def resolve_targets(model: torch.nn.Module, patterns: list[str], what: str) -> list[str]:
+    """Names of the Linear/Conv2d modules of `model` that full-match any of `patterns`."""
+    compiled = [re.compile(p) for p in patterns]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, ADAPTABLE) and any(c.fullmatch(name) for c in compiled)
+    ]
+    if not names:
+        examples = [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+        step = max(1, len(examples) // 8)
+        raise TargetError(
+            f"the {what} target patterns {list(patterns)} match no Linear/Conv2d module of the {what}. "
+            f"Some real module names: {examples[::step][:8]}. Fix the patterns in the targets "
+            "(or text_encoder) group, e.g. targets.patterns='[.*attn1\\.to_q]'"
+        )
+    return names
+
+
+def peft_config(cfg: AdapterConfig, target_names: list[str]):
+    """The peft config for `cfg`, targeting exactly `target_names`."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if cfg.kind in ("lora", "dora"):
+        return LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
+            use_dora=cfg.kind == "dora",
+            target_modules=target_names,
+        )
+    cls = LoHaConfig if cfg.kind == "loha" else LoKrConfig
+    return cls(r=cfg.rank, alpha=cfg.alpha, module_dropout=cfg.dropout, target_modules=target_names, init_weights=True)
+
+
+def attach(model: torch.nn.Module, cfg: AdapterConfig, patterns: list[str], what: str) -> list[str]:
+    """Attach a `cfg` adapter to the modules of `model` matching `patterns`; upcast it to fp32.
+
+    Adapter weights train in fp32 whatever the base's dtype (diffusers' cast_training_params):
+    fp16 weights would underflow their small updates.
+    """
+    names = resolve_targets(model, patterns, what)
+    model.add_adapter(peft_config(cfg, names))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return names
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(module: torch.nn.Module, trainable: bool) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def adapter_state_dicts(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """peft's state dict of each adapted module, by component name ("unet", "text_encoder", ...)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {
+        name: get_peft_model_state_dict(module)
+        for name, module in modules.items()
+        if getattr(module, "_hf_peft_config_loaded", False)
+    }
+
+
+def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.nn.Module]) -> Path:
+    """Save the trained adapters of `modules` into `folder`, atomically.
+
+    lora/dora: one `pytorch_lora_weights.safetensors` in diffusers' format (with peft's config
+    as metadata), which `pipeline.load_lora_weights(folder)` reads.
+    loha/lokr: diffusers' loader does not read peft's LyCORIS layers, so each component is
+    saved in peft's own format (`<component>/adapter_model.safetensors` and
+    `adapter_config.json`), loadable with `load_adapter` below or peft's `set_peft_model_state_dict`.
+    """
+    adapted = {n: m for n, m in modules.items() if getattr(m, "_hf_peft_config_loaded", False)}
+    with atomic_dir(folder) as tmp:
+        if kind in ("lora", "dora"):
+            _save_diffusers_lora(tmp, family, adapted)
+        else:
+            _save_peft(tmp, adapted)
+    return folder
+
+
+def _save_diffusers_lora(folder: Path, family: str, adapted: dict[str, torch.nn.Module]) -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    kwargs = {}
+    for name, module in adapted.items():
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        kwargs[f"{name}_lora_layers"] = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
+        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    pipeline_cls.save_lora_weights(folder, weight_name=LORA_WEIGHTS, **kwargs)
+
+
+def _save_peft(folder: Path, adapted: dict[str, torch.nn.Module]) -> None:
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    for name, module in adapted.items():
+        sub = folder / name
+        sub.mkdir(parents=True)
+        state = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()}
+        save_file(state, sub / "adapter_model.safetensors")
+        config = module.peft_config["default"].to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        (sub / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def load_adapter(folder: Path, modules: dict[str, torch.nn.Module]) -> None:
+    """Load a peft-format adapter saved by `save_adapter` (loha/lokr) onto fresh `modules`."""
+    from peft import PeftConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for name, module in modules.items():
+        sub = Path(folder) / name
+        if not (sub / "adapter_config.json").exists():
+            continue
+        config = PeftConfig.from_pretrained(str(sub))
+        module.add_adapter(config)
+        set_peft_model_state_dict(module, load_file(sub / "adapter_model.safetensors"))

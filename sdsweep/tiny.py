@@ -1,0 +1,205 @@
+"""Tiny models of the real architectures, built in code with random weights.
+
+They are saved as ordinary diffusers pipeline folders (`save_pretrained`) and then loaded
+by `models.load_components` through exactly the `from_pretrained` calls that load SDXL or
+SD1.5 for a user, so the tests cover the real loading path without a network.
+
+The tokenizers are real CLIP BPE tokenizers: the vocabulary and merges come from the
+`bpe_simple_vocab_16e6.txt.gz` that ships inside open_clip_torch (the file OpenAI's CLIP
+tokenizer is built from), so captions are tokenized exactly as SDXL's tokenizers would.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+TINY_VERSION = 1  # bump when an architecture below changes, so cached folders are rebuilt
+TEXT_HIDDEN = 32
+TEXT_PROJECTION = 32
+TIME_EMBED_DIM = 8
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (as in open_clip.tokenizer)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+@lru_cache(maxsize=1)
+def clip_bpe() -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary (49408 tokens) and BPE merges, from open_clip's packaged file."""
+    import open_clip
+
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = merges[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def save_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """Write a transformers CLIPTokenizer folder built from the real CLIP BPE files."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe()
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+        vocab_file.write_text(json.dumps(vocab))
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tok = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77)
+        tok.save_pretrained(folder)
+
+
+def _text_encoder(seed: int, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_PROJECTION,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config)
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # Four levels like the real VAE, so latents are 1/8 of the image side as in SD/SDXL.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
+
+
+def _unet(seed: int, family: str):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    common = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    if family == "sdxl":
+        # SDXL's conditioning: two text encoders' hidden states concatenated, plus the
+        # "text_time" added embedding of the pooled text and six micro-conditioning ids.
+        return UNet2DConditionModel(
+            **common,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=2 * TEXT_HIDDEN,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_PROJECTION,
+        )
+    return UNet2DConditionModel(**common, attention_head_dim=8, cross_attention_dim=TEXT_HIDDEN)
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # SDXL's and SD1.5's training noise schedule ("scaled_linear", epsilon prediction)
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
+def build_tiny_pipeline(folder: Path, family: str, seed: int = 0) -> None:
+    """Build a tiny `family` pipeline with random weights and `save_pretrained` it."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_clip_tokenizer(Path(tmp) / "tok")
+        tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tok")
+        if family == "sdxl":
+            save_clip_tokenizer(Path(tmp) / "tok2", pad_token="!")  # SDXL's second tokenizer pads with "!"
+            pipe = StableDiffusionXLPipeline(
+                vae=_vae(seed),
+                text_encoder=_text_encoder(seed + 1, with_projection=False),
+                text_encoder_2=_text_encoder(seed + 2, with_projection=True),
+                tokenizer=tokenizer,
+                tokenizer_2=CLIPTokenizer.from_pretrained(Path(tmp) / "tok2"),
+                unet=_unet(seed + 3, "sdxl"),
+                scheduler=_scheduler(),
+            )
+        elif family == "sd15":
+            pipe = StableDiffusionPipeline(
+                vae=_vae(seed),
+                text_encoder=_text_encoder(seed + 1, with_projection=False),
+                tokenizer=tokenizer,
+                unet=_unet(seed + 3, "sd15"),
+                scheduler=_scheduler(),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        else:
+            raise ValueError(f"no tiny model for family {family!r}")
+        pipe.save_pretrained(folder)
+
+
+def ensure_tiny_model(cache_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
+    """Return the folder of the tiny `family` model, building it once (atomically) if needed."""
+    root = Path(cache_dir).expanduser()
+    folder = root / f"tiny-{family}-v{TINY_VERSION}-seed{seed}"
+    if (folder / "model_index.json").exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=root))
+    build_tiny_pipeline(tmp, family, seed)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another trial built it at the same time: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
