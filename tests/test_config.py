@@ -1,0 +1,65 @@
+"""The config groups compose, and what a type cannot say is caught by validate()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from sdsweep.config import ConfigError, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUP_OPTIONS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("adapter", "targets", "text_encoder", "precision", "optimizer", "model", "data", "eval")
+}
+
+
+def test_every_group_lists_the_options_the_issue_asks_for():
+    assert GROUP_OPTIONS["adapter"] == ["dora", "loha", "lokr", "lora"]
+    assert GROUP_OPTIONS["targets"] == ["attn", "cross_attn", "many", "self_attn"]
+    assert GROUP_OPTIONS["text_encoder"] == ["frozen", "lora"]
+    assert GROUP_OPTIONS["precision"] == ["bf16", "fp16", "fp32", "int8", "nf4"]
+    assert GROUP_OPTIONS["optimizer"] == ["adamw", "adamw8bit", "prodigy"]
+    assert {"tiny-sdxl", "sdxl", "sd15"} <= set(GROUP_OPTIONS["model"])
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts])
+def test_every_option_composes_and_validates(make_cfg, group, option):
+    cfg = make_cfg(f"{group}={option}")
+    validate(cfg)
+    if group in ("adapter", "targets", "text_encoder", "precision", "optimizer"):
+        assert cfg[group].name if group != "adapter" else cfg.adapter.kind
+
+
+def test_prodigy_sets_its_own_learning_rate_but_the_command_line_wins(make_cfg):
+    assert make_cfg("optimizer=prodigy").train.lr == 1.0
+    assert make_cfg("optimizer=prodigy", "train.lr=0.5").train.lr == 0.5
+
+
+def test_misspelt_key_fails_at_composition(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="adapter.rnak"):
+        make_cfg("adapter.rnak=4")
+
+
+def test_wrong_type_fails_at_composition(make_cfg):
+    with pytest.raises((ValidationError, ConfigCompositionException), match="max_steps"):
+        make_cfg("train.max_steps=many")
+
+
+def test_unknown_option_fails_naming_the_available_ones(make_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg("adapter=lorra")
+    assert "lorra" in str(err.value) and "lora" in str(err.value)
+
+
+def test_validate_collects_every_problem_at_once(make_cfg):
+    cfg = make_cfg("adapter.rank=0", "train.lr=-1", "data.resolution=100", "adapter.dropout=1.5")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    text = str(err.value)
+    for key in ("adapter.rank=0", "train.lr=-1", "data.resolution=100", "adapter.dropout=1.5"):
+        assert key in text
+    assert len(err.value.problems) == 4
