@@ -35,10 +35,23 @@ def trial(cfg: DictConfig) -> float | None:
     return metrics.get("final_loss")
 
 
+def _quiet_libraries() -> None:
+    """Progress bars and cast notices of diffusers/transformers drown the trial's own log lines."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main() -> None:
     # W&B and the hub must never block the embedded default; users opt in with tracking.mode=online
     os.environ.setdefault("WANDB_SILENT", "true")
     from . import callbacks
+
+    _quiet_libraries()
 
     trial()  # hydra.main parses sys.argv
     failed = callbacks.FAILED_TRIALS if callbacks.SWEEP_DONE else _single_run_status.count("failed")

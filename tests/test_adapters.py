@@ -1,0 +1,46 @@
+"""Saved adapters load where users load them, and change what the model draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdsweep import adapters, models
+from sdsweep.train import run_trial
+
+
+def _sample(pipe, seed: int = 0) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle, sdsweep style", num_inference_steps=2, height=64, width=64, guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd15"])
+def test_lora_and_dora_load_into_the_diffusers_pipeline_and_change_its_output(make_cfg, tmp_path, kind, model):
+    from diffusers import DiffusionPipeline
+
+    cfg = make_cfg(f"adapter={kind}", f"model={model}", "train.lr=1e-2", "text_encoder=lora", steps=3)
+    assert run_trial(cfg, tmp_path)["status"] == "finished"
+    pipe = DiffusionPipeline.from_pretrained(models.resolve_source(cfg.model))
+    before = _sample(pipe)
+    pipe.load_lora_weights(tmp_path / "adapter")
+    after = _sample(pipe)
+    assert (before - after).abs().max() > 1e-3
+    # the text encoders' adapters came along too
+    assert getattr(pipe.text_encoder, "_hf_peft_config_loaded", False)
+    if kind == "dora":
+        assert any("lora_magnitude_vector" in n for n, _ in pipe.unet.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_loha_and_lokr_are_saved_in_peft_format_and_load_back(make_cfg, tmp_path, kind):
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg = make_cfg(f"adapter={kind}", "train.lr=1e-2", steps=3)
+    assert run_trial(cfg, tmp_path)["status"] == "finished"
+    assert (tmp_path / "adapter" / "unet" / "adapter_model.safetensors").exists()
+    pipe = StableDiffusionXLPipeline.from_pretrained(models.resolve_source(cfg.model))
+    before = _sample(pipe)
+    adapters.load_adapter(tmp_path / "adapter", {"unet": pipe.unet})
+    assert (before - _sample(pipe)).abs().max() > 1e-3
