@@ -8,6 +8,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .config import GROUPS, register_configs
@@ -25,7 +26,10 @@ def trial(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
-    metrics = run_trial(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task))
+    # one W&B group per sweep (or per single run), named after its folder
+    root = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else Path(hc.runtime.output_dir)
+    group = "_".join(root.parts[-2:])
+    metrics = run_trial(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task), group=group)
     _single_run_status.append(metrics["status"])
     if metrics["status"] == "finished":
         log.info("trial finished: final loss %.4f in %.1f s -> %s", metrics["final_loss"], metrics["wall_s"],

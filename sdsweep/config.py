@@ -152,8 +152,24 @@ class TrainConfig:
 @dataclass
 class TrackingConfig:
     mode: str = "offline"
+    """online | offline | disabled. W&B errors never fail a trial: online degrades to offline."""
     project: str = "sdsweep"
     entity: str | None = None
+    group: str | None = None
+    """W&B group; null: named after the sweep folder, so a sweep reads as one experiment."""
+    init_timeout: float = 20.0
+    """Seconds W&B may take to start a run before the trial goes on offline."""
+    smoothing: float = 0.9
+    """EMA factor of train/loss_smoothed."""
+    warmup_steps: int = 1
+    """First steps left out of the speed averages (they pay for lazy initialisation)."""
+    validation_every: int = 0
+    """Sample the eval prompts/seeds every N steps and at the end (0: never)."""
+    profile: bool = False
+    """Record a torch.profiler trace of a window of steps into profile/ (and W&B)."""
+    profile_wait: int = 1
+    profile_warmup: int = 1
+    profile_active: int = 3
 
 
 @dataclass
@@ -282,7 +298,15 @@ def validate(cfg: DictConfig | Config) -> None:
         p.append(f"train.checkpoint_every={tr.checkpoint_every}: must be >= 0 (0: never)")
     if tr.checkpoints_keep < 1:
         p.append(f"train.checkpoints_keep={tr.checkpoints_keep}: must be >= 1")
-    _check_choice(p, "tracking.mode", cfg.tracking.mode, TRACKING_MODES)
+    tk = cfg.tracking
+    _check_choice(p, "tracking.mode", tk.mode, TRACKING_MODES)
+    if not 0.0 <= tk.smoothing < 1.0:
+        p.append(f"tracking.smoothing={tk.smoothing}: must be in [0, 1)")
+    for key in ("warmup_steps", "validation_every", "profile_wait", "profile_warmup"):
+        if getattr(tk, key) < 0:
+            p.append(f"tracking.{key}={getattr(tk, key)}: must be >= 0")
+    if tk.profile_active < 1:
+        p.append(f"tracking.profile_active={tk.profile_active}: must be >= 1")
     _check_choice(p, "device", cfg.device, DEVICES)
     if p:
         raise ConfigError(p)

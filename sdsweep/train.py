@@ -13,10 +13,10 @@ import logging
 import math
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +26,9 @@ from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_che
 from .config import validate
 from .data import load_dataset, make_loader
 from .io import atomic_write_json
+from .meters import MemoryMeter, SpeedMeter
+from .sampling import sample
+from .tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class Setup:
     scaler: torch.amp.GradScaler
     accelerator: object
     autocast_dtype: torch.dtype | None
+    memory: MemoryMeter
 
 
 # --- set-up -----------------------------------------------------------------------------------
@@ -114,8 +118,9 @@ def setup(cfg: DictConfig) -> Setup:
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")
     accelerator = Accelerator(cpu=device.type == "cpu")
     components.unet, optimizer = accelerator.prepare(components.unet, optimizer)
+    # run_trial replaces this meter with one started before set-up, so the peak covers loading too
     return Setup(components, device, dataset, report.summary(), trainable, optimizer, scheduler, scaler,
-                 accelerator, autocast_dtype)
+                 accelerator, autocast_dtype, MemoryMeter(device))
 
 
 # --- one step's loss ----------------------------------------------------------------------------
@@ -182,7 +187,8 @@ def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def train(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
+def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = None) -> dict:
+    tracker = tracker or Tracker()
     checkpoint_root = trial_dir / "checkpoints"
     max_steps, accum = cfg.train.max_steps, cfg.train.grad_accum
     state = TrainState(step=0, losses=[], elapsed_s=0.0, scheduler={}, scaler={})
@@ -203,8 +209,11 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
     unet = s.components.unet
     params = list(s.trainable.values())
     pending: list[torch.Tensor] = []  # per-step losses still on the device
-    peak_rss = psutil.Process().memory_info().rss
-    started, first_step_done = time.perf_counter(), None
+    smoothed = state.losses[-1] if state.losses else None
+    speed = SpeedMeter(cfg.tracking.warmup_steps, samples_per_step)
+    speed.start(state.step)
+    started = time.perf_counter()
+    profiler = make_profiler(cfg, trial_dir)
 
     for step in range(state.step, max_steps):
         # every random draw of a step (noise, timesteps, dropout) depends only on (seed, step),
@@ -213,7 +222,7 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
         step_loss = torch.zeros((), device=s.device)
         for micro in range(accum):
             batch = next(batches)
-            sync = s.accelerator.no_sync(unet) if micro < accum - 1 else _nullcontext()
+            sync = s.accelerator.no_sync(unet) if micro < accum - 1 else nullcontext()
             with sync:
                 loss = diffusion_loss(s, cfg, batch)
                 if step == cfg.debug.nan_at_step:
@@ -224,25 +233,34 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
         s.scaler.step(s.optimizer)
         s.scaler.update()
+        lrs = s.scheduler.get_last_lr()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
-        pending.append(step_loss)
+        pending.append(torch.stack([step_loss, grad_norm.detach().float().to(step_loss.device)]))
         done = step + 1
-        if first_step_done is None:
-            first_step_done = time.perf_counter()
+        if profiler is not None:
+            profiler.step()
 
         # loss.item() every step would sync the GPU each step: check and log every log_every
         if done % cfg.train.log_every == 0 or done == max_steps:
             values = torch.stack(pending).tolist()
-            first_bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            first_bad = next((i for i, (v, _) in enumerate(values) if not math.isfinite(v)), None)
             if first_bad is not None:
                 bad_step = done - len(values) + first_bad + 1
-                raise NonFiniteLoss(f"loss became {values[first_bad]} at step {bad_step}")
-            state.losses.extend(values)
+                raise NonFiniteLoss(f"loss became {values[first_bad][0]} at step {bad_step}")
+            figures = {**speed.read(done), **s.memory.read()}
+            for i, (value, norm) in enumerate(values):
+                smoothed = value if smoothed is None else cfg.tracking.smoothing * smoothed + (1 - cfg.tracking.smoothing) * value
+                row = {"train/loss": value, "train/loss_smoothed": smoothed, "train/grad_norm": norm,
+                       **{f"train/lr_{name}": lr for name, lr in zip(("unet", "text_encoder"), lrs)}}
+                this_step = done - len(values) + i + 1
+                tracker.log({**row, **figures} if this_step == done else row, this_step)
+            state.losses.extend(v for v, _ in values)
             pending.clear()
-            peak_rss = max(peak_rss, psutil.Process().memory_info().rss)
-            log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e", done, max_steps, values[-1],
-                     float(grad_norm), s.scheduler.get_last_lr()[0])
+            log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.2f it/s", done, max_steps, values[-1][0],
+                     values[-1][1], lrs[0], figures["perf/it_per_s"])
+        if cfg.tracking.validation_every and (done % cfg.tracking.validation_every == 0 or done == max_steps):
+            validate_images(cfg, s, trial_dir, tracker, done)
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not pending:
             state.step = done
             state.elapsed_s += time.perf_counter() - started
@@ -252,66 +270,91 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
         if done == cfg.debug.raise_at_step:
             raise RuntimeError(f"debug.raise_at_step={done}: simulated crash")
 
-    now = time.perf_counter()
-    steps_run = max_steps - (resumed_from or 0)
-    # the first step pays for lazy initialisation: leave it out of the speed figure
-    timed_steps = steps_run - 1
-    steps_per_s = timed_steps / (now - first_step_done) if first_step_done and timed_steps > 0 else None
+    if profiler is not None:
+        finish_profiler(profiler, trial_dir, tracker)
     return {
         "steps": max_steps,
         "resumed_from_step": resumed_from,
-        "train_s": state.elapsed_s + now - started,
-        "steps_per_s": steps_per_s,
-        "images_per_s": steps_per_s * samples_per_step if steps_per_s else None,
+        "train_s": state.elapsed_s + time.perf_counter() - started,
+        **speed.summary(),
         "losses": state.losses,
         "final_loss": state.losses[-1] if state.losses else None,
         "mean_loss": sum(state.losses) / len(state.losses) if state.losses else None,
-        "peak_rss_mb": peak_rss / 2**20,
     }
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+def validate_images(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker, step: int) -> None:
+    """Fixed prompts and seeds (the eval group's), so a grid cell compares across trials and time."""
+    e = cfg.eval
+    images = sample(s.components, s.accelerator.unwrap_model(s.components.unet), list(e.prompts), list(e.seeds),
+                    e.steps, e.guidance_scale, e.resolution, s.autocast_dtype,
+                    out_dir=trial_dir / "validation" / f"step-{step:06d}")
+    tracker.log_images("validation", [(f"{p} (seed {sd})", img) for p, sd, img in images], step)
 
-    def __exit__(self, *exc):
-        return False
+
+def make_profiler(cfg: DictConfig, trial_dir: Path):
+    """torch.profiler over the steps [wait + warmup, + active): where time and memory go."""
+    if not cfg.tracking.profile:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t = cfg.tracking
+    prof = profile(activities=activities, schedule=schedule(wait=t.profile_wait, warmup=t.profile_warmup,
+                                                            active=t.profile_active, repeat=1),
+                   record_shapes=True, profile_memory=True, with_stack=False)
+    prof.start()
+    return prof
+
+
+def finish_profiler(prof, trial_dir: Path, tracker: Tracker) -> None:
+    prof.stop()
+    out = trial_dir / "profile"
+    out.mkdir(exist_ok=True)
+    try:
+        prof.export_chrome_trace(str(out / "trace.json"))
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (out / "summary.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+    except (RuntimeError, AssertionError) as e:  # the window never completed (max_steps too small)
+        log.warning("profiler recorded no complete window (%s): raise train.max_steps above "
+                    "tracking.profile_wait + profile_warmup + profile_active", e)
+        return
+    tracker.save_file(out / "trace.json")
+    tracker.save_file(out / "summary.txt")
 
 
 # --- the trial ----------------------------------------------------------------------------------
 
 
-def _memory_figures(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {
-            "peak_vram_mb": torch.cuda.max_memory_allocated() / 2**20,
-            "peak_vram_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
-        }
-    return {"peak_vram_mb": None}
-
-
-def run_trial(cfg: DictConfig, trial_dir: Path, choices: dict | None = None, overrides: list[str] | None = None) -> dict:
+def run_trial(
+    cfg: DictConfig,
+    trial_dir: Path,
+    choices: dict | None = None,
+    overrides: list[str] | None = None,
+    group: str | None = None,
+) -> dict:
     """Train one cell of the matrix in `trial_dir`; return (and write) its metrics.json."""
     trial_dir = Path(trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     metrics: dict = {"choices": choices or {}, "overrides": list(overrides or []), "status": "running"}
-    device = torch.device("cpu")
     s: Setup | None = None
+    memory: MemoryMeter | None = None
+    tracker: Tracker = Tracker()
     try:
         validate(cfg)
-        device = models.resolve_device(cfg.device)
-        if device.type == "cuda":
-            # one process runs every trial: without this each trial reports its predecessor's peak
-            torch.cuda.reset_peak_memory_stats()
+        memory = MemoryMeter(models.resolve_device(cfg.device))
+        tracker = make_tracker(cfg, trial_dir, choices or {}, group or cfg.tracking.group or trial_dir.parent.name,
+                               trial_dir.name)
         s = setup(cfg)
+        s.memory = memory
         metrics.update(
-            device=str(device),
+            device=str(s.device),
             data=s.data_report,
             trainable_params=sum(p.numel() for p in s.trainable.values()),
             total_params=sum(adapters.count_parameters(m, trainable=False) for m in s.components.modules().values()),
         )
-        metrics.update(train(cfg, s, trial_dir))
+        metrics.update(train(cfg, s, trial_dir, tracker))
         adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
                                             _unwrapped_modules(s))
         metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
@@ -321,18 +364,19 @@ def run_trial(cfg: DictConfig, trial_dir: Path, choices: dict | None = None, ove
         raise
     except torch.cuda.OutOfMemoryError as e:
         metrics.update(status="failed", reason="out of memory", detail=str(e).splitlines()[0])
+        if memory is not None:
+            metrics["memory_at_failure"] = memory.read()
     except BaseException as e:  # noqa: BLE001 - SystemExit too: a sys.exit in a trial must not end the sweep
         metrics.update(status="failed", reason=f"{type(e).__name__}: {e}")
         metrics["traceback"] = traceback.format_exc(limit=8)
         log.error("trial failed: %s", metrics["reason"])
     finally:
-        metrics.update(_memory_figures(device))
+        if memory is not None:
+            metrics.update(memory.summary_mb())
         metrics["wall_s"] = time.perf_counter() - started
-        if metrics.get("peak_vram_mb") is not None:
-            metrics["peak_memory_mb"] = metrics["peak_vram_mb"]
-        else:
-            metrics["peak_memory_mb"] = metrics.get("peak_rss_mb") or psutil.Process().memory_info().rss / 2**20
         atomic_write_json(trial_dir / "metrics.json", metrics)
+        tracker.summary({k: v for k, v in metrics.items() if k not in ("losses", "traceback")})
+        tracker.finish(failed=metrics["status"] != "finished")
         _release(s)
     return metrics
 
