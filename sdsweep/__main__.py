@@ -56,10 +56,41 @@ def main() -> None:
     from . import callbacks
 
     _quiet_libraries()
+    sys.argv[1:] = _expand_resume(sys.argv[1:])
+    if _is_multirun(sys.argv[1:]):
+        from .sweep import preflight
+
+        problems = preflight([a for a in sys.argv[1:] if not a.startswith("-")])
+        if problems:
+            print("sdsweep: the sweep was not launched; fix these first:", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+            sys.exit(2)
 
     trial()  # hydra.main parses sys.argv
     failed = callbacks.FAILED_TRIALS if callbacks.SWEEP_DONE else _single_run_status.count("failed")
     sys.exit(1 if failed else 0)
+
+
+def _is_multirun(args: list[str]) -> bool:
+    return "-m" in args or "--multirun" in args
+
+
+def _expand_resume(args: list[str]) -> list[str]:
+    """`sweep.resume=DIR`: rerun the sweep in DIR with the overrides it was launched with.
+
+    Finished trials are kept, trials with checkpoints continue from them, the rest run.
+    """
+    resume = [a for a in args if a.startswith("sweep.resume=")]
+    if not resume:
+        return args
+    from pathlib import Path
+
+    from .sweep import resume_overrides
+
+    sweep_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
+    rest = [a for a in args if not a.startswith("sweep.resume=") and a not in ("-m", "--multirun")]
+    return ["-m", *resume_overrides(sweep_dir, rest)]
 
 
 if __name__ == "__main__":

@@ -33,10 +33,14 @@ class SweepSummary(Callback):
         global SWEEP_DONE, FAILED_TRIALS
         sweep_dir = Path(config.hydra.sweep.dir)
         trials = read_trials(sweep_dir)
-        failed = [(d, m) for d, m in trials if m.get("status") != "finished"]
+        failed = [(d, m) for d, m in trials if m.get("status") not in ("finished", "pruned")]
+        pruned = [(d, m) for d, m in trials if m.get("status") == "pruned"]
         SWEEP_DONE, FAILED_TRIALS = True, len(failed)
-        lines = [f"sweep {sweep_dir}: {len(trials) - len(failed)} finished, {len(failed)} failed"]
+        finished = len(trials) - len(failed) - len(pruned)
+        lines = [f"sweep {sweep_dir}: {finished} finished, {len(failed)} failed, {len(pruned)} pruned"]
         for d, m in failed:
             lines.append(f"  FAILED {d.name}: {m.get('reason')}")
+        for d, m in pruned:
+            lines.append(f"  PRUNED {d.name}: {m.get('reason')}")
         for line in lines:
             (log.error if failed else log.info)(line)

@@ -23,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import adapters, models
 from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import validate
+from .config import ConfigError, validate
 from .data import load_dataset, make_loader
 from .io import atomic_write_json
 from .meters import MemoryMeter, SpeedMeter
 from .sampling import sample
+from .sweep import config_fingerprint, finished_result, prune_reason
 from .tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -333,19 +334,42 @@ def run_trial(
     overrides: list[str] | None = None,
     group: str | None = None,
 ) -> dict:
-    """Train one cell of the matrix in `trial_dir`; return (and write) its metrics.json."""
+    """Train one cell of the matrix in `trial_dir`; return (and write) its metrics.json.
+
+    A cell that already finished with the same config (a resumed sweep) is kept as it is; a
+    cell that cannot run on this machine is recorded as pruned without loading anything.
+    """
     trial_dir = Path(trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     metrics: dict = {"choices": choices or {}, "overrides": list(overrides or []), "status": "running"}
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        metrics.update(status="failed", reason=str(e))
+        log.error("trial failed: %s", e)
+        atomic_write_json(trial_dir / "metrics.json", metrics)
+        return metrics
+    metrics["config_fingerprint"] = config_fingerprint(cfg)
+    if kept := finished_result(trial_dir, metrics["config_fingerprint"]):
+        log.info("%s already finished with this config: kept as it is", trial_dir)
+        return kept
+    if reason := prune_reason(cfg):
+        metrics.update(status="pruned", reason=reason)
+        log.warning("trial pruned: %s", reason)
+        atomic_write_json(trial_dir / "metrics.json", metrics)
+        return metrics
+    return _train_and_record(cfg, trial_dir, metrics, group)
+
+
+def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: str | None) -> dict:
+    started = time.perf_counter()
     s: Setup | None = None
     memory: MemoryMeter | None = None
     tracker: Tracker = Tracker()
     try:
-        validate(cfg)
         memory = MemoryMeter(models.resolve_device(cfg.device))
-        tracker = make_tracker(cfg, trial_dir, choices or {}, group or cfg.tracking.group or trial_dir.parent.name,
-                               trial_dir.name)
+        tracker = make_tracker(cfg, trial_dir, metrics["choices"],
+                               group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
         s = setup(cfg)
         s.memory = memory
         metrics.update(

@@ -29,7 +29,7 @@ def test_the_readme_2x2_sweep_gives_four_trial_folders(cache_dir, tmp_path):
         assert metrics["status"] == "finished"
         assert metrics["choices"]["adapter"] == name.split(",")[0].split("=")[1]
         assert (sweep / name / ".hydra" / "config.yaml").exists()
-    assert "4 finished, 0 failed" in result.stdout + result.stderr
+    assert "4 finished, 0 failed, 0 pruned" in result.stdout + result.stderr
 
 
 def test_a_failed_trial_does_not_stop_the_sweep_and_sets_the_exit_status(cache_dir, tmp_path):
@@ -40,7 +40,7 @@ def test_a_failed_trial_does_not_stop_the_sweep_and_sets_the_exit_status(cache_d
     finished = json.loads((sweep / "debug.nan_at_step=-1,train.max_steps=2" / "metrics.json").read_text())
     assert failed["status"] == "failed" and "step 1" in failed["reason"]
     assert finished["status"] == "finished"
-    assert "1 finished, 1 failed" in result.stdout + result.stderr
+    assert "1 finished, 1 failed, 0 pruned" in result.stdout + result.stderr
 
 
 def test_single_run_writes_its_folder_and_exits_zero(cache_dir, tmp_path):

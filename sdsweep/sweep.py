@@ -1,0 +1,104 @@
+"""Before launch: expand the matrix, validate every cell, prune what cannot work; resume sweeps.
+
+Hydra composes each cell only when its job starts, so a typo in the fourth cell would
+surface after three trials have trained. `preflight` composes every cell first (with
+Hydra's own override parser and the basic sweeper's expansion) and reports every problem
+at once. Cells that are valid but cannot run here (a quantized base without CUDA, bf16 on
+a GPU that only emulates it, an adapter peft cannot put on quantized layers) are not errors:
+they are pruned, with their reason in the trial's metrics.json and the sweep summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, validate
+
+log = logging.getLogger(__name__)
+
+
+def prune_reason(cfg: DictConfig) -> str | None:
+    """Why this cell cannot run on this machine, or None."""
+    pr, cuda = cfg.precision, torch.cuda.is_available() and cfg.device != "cpu"
+    if pr.quantize != "none" and not cuda:
+        return (f"precision={pr.name} quantizes the base with bitsandbytes, which needs a CUDA GPU; "
+                "use precision=fp16, bf16 or fp32 here")
+    if pr.quantize != "none" and cfg.adapter.kind in ("loha", "lokr"):
+        return (f"adapter={cfg.adapter.kind} with precision={pr.name}: peft has no {cfg.adapter.kind} layer for "
+                "bitsandbytes-quantized weights; use adapter=lora or dora with a quantized base")
+    if cuda and "bf16" in (pr.mixed_precision, pr.base_dtype) and torch.cuda.get_device_capability() < (8, 0):
+        name = torch.cuda.get_device_name()
+        return (f"precision={pr.name} on {name} (compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability()))}): bf16 is emulated before Ampere "
+                "(8.0) and runs several times slower; use precision=fp16")
+    return None
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """What a finished trial is compared with before it is skipped on resume."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    data.pop("tracking", None)  # where a trial is logged does not change what it trained
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_result(trial_dir: Path, fingerprint: str) -> dict | None:
+    """The kept metrics of a trial that already finished with this very config, or None."""
+    path = trial_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if metrics.get("status") == "finished" and metrics.get("config_fingerprint") == fingerprint:
+        return metrics
+    return None
+
+
+def expand_cells(overrides: list[str]) -> list[list[str]]:
+    """The overrides of every cell of the sweep, as Hydra's basic sweeper will launch them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra")])
+    return [cell for batch in BasicSweeper.split_arguments(parsed, None) for cell in batch]
+
+
+def preflight(overrides: list[str]) -> list[str]:
+    """Compose and validate every cell; return the problems (empty: all cells can launch)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    problems: list[str] = []
+    cells = expand_cells(overrides)
+    for cell in cells:
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
+                cfg = compose(config_name="config", overrides=cell)
+            validate(cfg)
+        except ConfigError as e:
+            problems.extend(f"[{' '.join(cell)}] {p}" for p in e.problems)
+        except Exception as e:  # noqa: BLE001 - Hydra's composition errors have many types
+            problems.append(f"[{' '.join(cell)}] {str(e).splitlines()[0]}")
+        finally:
+            GlobalHydra.instance().clear()
+    return problems
+
+
+def resume_overrides(sweep_dir: Path, extra: list[str]) -> list[str]:
+    """The overrides that launched `sweep_dir` (from its multirun.yaml), plus `extra`, pointed at it."""
+    saved = sweep_dir / "multirun.yaml"
+    if not saved.exists():
+        raise FileNotFoundError(
+            f"sweep.resume={sweep_dir}: no multirun.yaml there; give the folder of a sweep started with -m"
+        )
+    task = list(OmegaConf.load(saved).hydra.overrides.task)
+    given = {o.split("=", 1)[0] for o in extra}
+    kept = [o for o in task if o.split("=", 1)[0] not in given]
+    return [*kept, *extra, f"hydra.sweep.dir={sweep_dir}"]
