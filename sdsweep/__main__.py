@@ -24,12 +24,14 @@ def trial(cfg: DictConfig) -> float | None:
 
     from .train import run_trial
 
+    _quiet_libraries()  # again here: joblib and submitit run trials in fresh processes
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
     # one W&B group per sweep (or per single run), named after its folder
     root = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else Path(hc.runtime.output_dir)
     group = "_".join(root.parts[-2:])
-    metrics = run_trial(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task), group=group)
+    metrics = run_trial(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task), group=group,
+                        trial_number=hc.job.num if hc.mode == RunMode.MULTIRUN else 0)
     _single_run_status.append(metrics["status"])
     if metrics["status"] == "finished":
         log.info("trial finished: final loss %.4f in %.1f s -> %s", metrics["final_loss"], metrics["wall_s"],

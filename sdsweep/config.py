@@ -29,7 +29,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 FAMILIES = ("sdxl", "sd15")
 CROPS = ("center", "random")
 TRACKING_MODES = ("online", "offline", "disabled")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16))
 
 
 @dataclass
@@ -197,7 +197,7 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 0
     device: str = "auto"
-    """auto (CUDA when present) | cpu | cuda."""
+    """auto (CUDA when present; trial N on GPU N mod count) | cpu | cuda | cuda:N."""
 
 
 def register_configs() -> None:

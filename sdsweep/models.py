@@ -42,11 +42,15 @@ class Components:
         return named
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, trial_number: int = 0) -> torch.device:
+    """`auto`: CUDA when present; with several GPUs, trial N gets GPU N mod count, so trials
+    run in parallel (hydra/launcher=parallel) each have a GPU of their own."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but torch sees no CUDA GPU: use device=cpu or device=auto")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", trial_number % torch.cuda.device_count())
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but torch sees no CUDA GPU: use device=cpu or device=auto")
     return torch.device(name)
 
 

@@ -71,11 +71,11 @@ def build_optimizer(cfg: DictConfig, groups: list[dict], device: torch.device) -
     return Prodigy(groups, d_coef=o.d_coef, safeguard_warmup=o.warmup_steps > 0, use_bias_correction=True, **common)
 
 
-def setup(cfg: DictConfig) -> Setup:
+def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
-    device = models.resolve_device(cfg.device)
+    device = models.resolve_device(cfg.device, trial_number)
     torch.manual_seed(cfg.seed)
     # data first: a folder without captions should fail in a second, not after loading SDXL
     dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
@@ -333,6 +333,7 @@ def run_trial(
     choices: dict | None = None,
     overrides: list[str] | None = None,
     group: str | None = None,
+    trial_number: int = 0,
 ) -> dict:
     """Train one cell of the matrix in `trial_dir`; return (and write) its metrics.json.
 
@@ -358,19 +359,19 @@ def run_trial(
         log.warning("trial pruned: %s", reason)
         atomic_write_json(trial_dir / "metrics.json", metrics)
         return metrics
-    return _train_and_record(cfg, trial_dir, metrics, group)
+    return _train_and_record(cfg, trial_dir, metrics, group, trial_number)
 
 
-def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: str | None) -> dict:
+def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: str | None, trial_number: int) -> dict:
     started = time.perf_counter()
     s: Setup | None = None
     memory: MemoryMeter | None = None
     tracker: Tracker = Tracker()
     try:
-        memory = MemoryMeter(models.resolve_device(cfg.device))
+        memory = MemoryMeter(models.resolve_device(cfg.device, trial_number))
         tracker = make_tracker(cfg, trial_dir, metrics["choices"],
                                group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
-        s = setup(cfg)
+        s = setup(cfg, trial_number)
         s.memory = memory
         metrics.update(
             device=str(s.device),

@@ -86,3 +86,26 @@ def test_atomic_writes_leave_old_or_new_never_half_under_kill(tmp_path):
         proc.wait()
         data = json.loads(target.read_text())  # never a truncated file
         assert data["payload"] == [data["version"]] * 200_000
+
+
+@pytest.mark.slow
+def test_joblib_and_submitit_local_launchers_give_the_same_trials_as_the_basic_one(cache_dir, tmp_path):
+    """The same code path scales out: Hydra's launchers, not a home-made one."""
+    results = {}
+    for launcher in ("basic", "parallel", "submitit_local"):
+        sweep = tmp_path / launcher
+        args = ["-m", f"hydra/launcher={launcher}", "adapter=lora,dora", "targets=attn,many", "train.max_steps=2",
+                f"model.cache_dir={cache_dir}", "tracking.mode=disabled", f"hydra.sweep.dir={sweep}"]
+        result = run_cli(args, cli_env(cache_dir), tmp_path)
+        assert result.returncode == 0, (launcher, result.stderr[-2000:])
+        results[launcher] = {
+            p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")
+        }
+    assert len(results["basic"]) == 4
+    for launcher in ("parallel", "submitit_local"):
+        assert results[launcher].keys() == results["basic"].keys()
+        for name, basic in results["basic"].items():
+            other = results[launcher][name]
+            assert other["status"] == basic["status"] == "finished"
+            assert other["losses"] == pytest.approx(basic["losses"], rel=1e-4)
+            assert other["trainable_params"] == basic["trainable_params"]
