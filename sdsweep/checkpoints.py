@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ class TrainState:
     elapsed_s: float
     scheduler: dict
     scaler: dict
+    skipped_steps: list[int] = field(default_factory=list)
 
 
 def save_checkpoint(

@@ -147,6 +147,10 @@ class TrainConfig:
     """Save a resumable checkpoint every N steps (0: never)."""
     checkpoints_keep: int = 2
     log_every: int = 1
+    nan_policy: str = "stop"
+    """stop: a NaN/inf loss fails the trial at once. skip: drop that step's update and go on,
+    up to max_nan_skips times (checks every step, which syncs the GPU once per step)."""
+    max_nan_skips: int = 10
 
 
 @dataclass
@@ -296,6 +300,9 @@ def validate(cfg: DictConfig | Config) -> None:
         p.append(f"train.max_grad_norm={tr.max_grad_norm}: must be >= 0 (0 disables clipping)")
     if tr.checkpoint_every < 0:
         p.append(f"train.checkpoint_every={tr.checkpoint_every}: must be >= 0 (0: never)")
+    _check_choice(p, "train.nan_policy", tr.nan_policy, ("stop", "skip"))
+    if tr.max_nan_skips < 0:
+        p.append(f"train.max_nan_skips={tr.max_nan_skips}: must be >= 0")
     if tr.checkpoints_keep < 1:
         p.append(f"train.checkpoints_keep={tr.checkpoints_keep}: must be >= 1")
     tk = cfg.tracking

@@ -43,13 +43,15 @@ class ScanReport:
     records: list[Record]
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    truncated_captions: int = 0
 
     def skip(self, reason: str, path: Path, detail: str = "") -> None:
         self.skipped[reason] += 1
         self.examples.setdefault(reason, f"{path.name}{': ' + detail if detail else ''}")
 
     def summary(self) -> dict:
-        return {"images": len(self.records), "skipped": dict(self.skipped), "examples": dict(self.examples)}
+        return {"images": len(self.records), "skipped": dict(self.skipped), "examples": dict(self.examples),
+                "truncated_captions": self.truncated_captions}
 
 
 # --- the built-in set -----------------------------------------------------------------------
@@ -202,6 +204,20 @@ def scan_folder(folder: Path, min_size: int = 8) -> ScanReport:
         details = "; ".join(f"{n} {reason} (e.g. {report.examples[reason]})" for reason, n in report.skipped.items())
         log.warning("data: using %d of %d images in %s; skipped %s", len(report.records), len(images), folder, details)
     return report
+
+
+def count_long_captions(records: list[Record], tokenizers: list) -> int:
+    """Captions longer than the tokenizers' window (77 CLIP tokens) are cut at training time,
+    as in every SD trainer; say so once, with an example, instead of silently."""
+    long = []
+    for tokenizer in tokenizers[:1]:
+        limit = tokenizer.model_max_length
+        ids = tokenizer([r.caption for r in records], truncation=False).input_ids
+        long = [r for r, i in zip(records, ids) if len(i) > limit]
+        if long:
+            log.warning("data: %d of %d captions are longer than %d tokens and will be truncated (e.g. %s: %r...)",
+                        len(long), len(records), limit, long[0].path.name, long[0].caption[:80])
+    return len(long)
 
 
 # --- the training set ---------------------------------------------------------------------------

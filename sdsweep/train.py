@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import adapters, models
 from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, validate
-from .data import load_dataset, make_loader
+from .data import count_long_captions, load_dataset, make_loader
 from .io import atomic_write_json
 from .meters import MemoryMeter, SpeedMeter
 from .sampling import sample
@@ -80,6 +80,7 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     # data first: a folder without captions should fail in a second, not after loading SDXL
     dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
     components = models.load_components(cfg.model)
+    report.truncated_captions = count_long_captions(dataset.records, components.tokenizers)
     models.place(components, cfg.precision, device)
 
     adapters.attach(components.unet, cfg.adapter, list(cfg.targets.patterns), "unet")
@@ -230,10 +231,21 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
                     loss = loss * float("nan")
                 s.scaler.scale(loss / accum).backward()
             step_loss += loss.detach() / accum
-        s.scaler.unscale_(s.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
+        if cfg.train.nan_policy == "skip" and not torch.isfinite(step_loss):
+            # drop this step's update; data and schedule move on as if it had happened
+            state.skipped_steps.append(step + 1)
+            log.warning("step %d: loss is %s, update skipped (%d of train.max_nan_skips=%d)", step + 1,
+                        step_loss.item(), len(state.skipped_steps), cfg.train.max_nan_skips)
+            if len(state.skipped_steps) > cfg.train.max_nan_skips:
+                raise NonFiniteLoss(f"loss was NaN/inf at {len(state.skipped_steps)} steps "
+                                    f"(more than train.max_nan_skips={cfg.train.max_nan_skips}): "
+                                    f"steps {state.skipped_steps[:10]}")
+            grad_norm = torch.full((), float("nan"))
+        else:
+            s.scaler.unscale_(s.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
         lrs = s.scheduler.get_last_lr()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
@@ -245,9 +257,11 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
         # loss.item() every step would sync the GPU each step: check and log every log_every
         if done % cfg.train.log_every == 0 or done == max_steps:
             values = torch.stack(pending).tolist()
-            first_bad = next((i for i, (v, _) in enumerate(values) if not math.isfinite(v)), None)
+            first_step = done - len(values) + 1
+            first_bad = next((i for i, (v, _) in enumerate(values)
+                              if not math.isfinite(v) and first_step + i not in state.skipped_steps), None)
             if first_bad is not None:
-                bad_step = done - len(values) + first_bad + 1
+                bad_step = first_step + first_bad
                 raise NonFiniteLoss(f"loss became {values[first_bad][0]} at step {bad_step}")
             figures = {**speed.read(done), **s.memory.read()}
             for i, (value, norm) in enumerate(values):
@@ -273,14 +287,16 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
 
     if profiler is not None:
         finish_profiler(profiler, trial_dir, tracker)
+    finite = [v for v in state.losses if math.isfinite(v)]  # skipped NaN steps stay in the curve only
     return {
         "steps": max_steps,
         "resumed_from_step": resumed_from,
         "train_s": state.elapsed_s + time.perf_counter() - started,
         **speed.summary(),
         "losses": state.losses,
-        "final_loss": state.losses[-1] if state.losses else None,
-        "mean_loss": sum(state.losses) / len(state.losses) if state.losses else None,
+        "nan_skipped_steps": state.skipped_steps,
+        "final_loss": finite[-1] if finite else None,
+        "mean_loss": sum(finite) / len(finite) if finite else None,
     }
 
 

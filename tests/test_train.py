@@ -153,3 +153,28 @@ def test_options_change_the_training_not_just_the_name(make_cfg, tmp_path):
                                   "train.grad_accum=2", "data.crop=center", "seed=1"]):
         losses = run_trial(make_cfg(override, steps=2), tmp_path / str(i))["losses"]
         assert losses != pytest.approx(base, rel=1e-6), override
+
+
+def test_nan_policy_skip_drops_the_step_and_goes_on(make_cfg, tmp_path):
+    metrics = run_trial(make_cfg("train.nan_policy=skip", "debug.nan_at_step=1", steps=3), tmp_path / "a")
+    assert metrics["status"] == "finished" and metrics["nan_skipped_steps"] == [2]
+    assert math.isfinite(metrics["final_loss"]) and math.isfinite(metrics["mean_loss"])
+    limited = run_trial(make_cfg("train.nan_policy=skip", "train.max_nan_skips=0", "debug.nan_at_step=1", steps=3),
+                        tmp_path / "b")
+    assert limited["status"] == "failed" and "max_nan_skips=0" in limited["reason"]
+
+
+def test_captions_longer_than_the_tokenizer_are_truncated_with_one_warning(make_cfg, tmp_path, caplog):
+    from helpers import write_folder
+
+    folder = write_folder(tmp_path / "data", n=2, captions="txt")
+    (folder / "img0.txt").write_text("a very long caption " * 40)
+    metrics = run_trial(make_cfg(f"data.path={folder}", steps=1), tmp_path / "t")
+    assert metrics["status"] == "finished" and metrics["data"]["truncated_captions"] == 1
+    assert sum("will be truncated" in r.message for r in caplog.records) == 1
+
+
+def test_an_unknown_model_offline_fails_saying_how_to_get_it(make_cfg, tmp_path):
+    metrics = run_trial(make_cfg("model=sdxl", "model.pretrained=nobody/no-such-model"), tmp_path)
+    assert metrics["status"] == "failed"
+    assert "ModelLoadError" in metrics["reason"] and "model.pretrained=/path/to/diffusers/folder" in metrics["reason"]
