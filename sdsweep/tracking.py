@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ABLATION_AXES
@@ -152,3 +153,34 @@ def make_tracker(cfg: DictConfig, trial_dir: Path, choices: dict[str, str], grou
             log.warning("W&B could not start (%s: %s): this trial is tracked in metrics.json and "
                         "train_log.jsonl only", type(e).__name__, e)
     return FanOut(*sinks)
+
+
+def make_profiler(cfg: DictConfig, trial_dir: Path):
+    """torch.profiler over the steps [wait + warmup, + active): where time and memory go."""
+    if not cfg.tracking.profile:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t = cfg.tracking
+    prof = profile(activities=activities, schedule=schedule(wait=t.profile_wait, warmup=t.profile_warmup,
+                                                            active=t.profile_active, repeat=1),
+                   record_shapes=True, profile_memory=True, with_stack=False)
+    prof.start()
+    return prof
+
+
+def finish_profiler(prof, trial_dir: Path, tracker: Tracker) -> None:
+    prof.stop()
+    out = trial_dir / "profile"
+    out.mkdir(exist_ok=True)
+    try:
+        prof.export_chrome_trace(str(out / "trace.json"))
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (out / "summary.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+    except (RuntimeError, AssertionError) as e:  # the window never completed (max_steps too small)
+        log.warning("profiler recorded no complete window (%s): raise train.max_steps above "
+                    "tracking.profile_wait + profile_warmup + profile_active", e)
+        return
+    tracker.save_file(out / "trace.json")
+    tracker.save_file(out / "summary.txt")

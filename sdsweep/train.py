@@ -29,7 +29,7 @@ from .io import atomic_write_json
 from .meters import MemoryMeter, SpeedMeter
 from .sampling import sample
 from .sweep import config_fingerprint, finished_result, prune_reason
-from .tracking import Tracker, make_tracker
+from .tracking import Tracker, finish_profiler, make_profiler, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -307,37 +307,6 @@ def validate_images(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker
                     e.steps, e.guidance_scale, e.resolution, s.autocast_dtype,
                     out_dir=trial_dir / "validation" / f"step-{step:06d}")
     tracker.log_images("validation", [(f"{p} (seed {sd})", img) for p, sd, img in images], step)
-
-
-def make_profiler(cfg: DictConfig, trial_dir: Path):
-    """torch.profiler over the steps [wait + warmup, + active): where time and memory go."""
-    if not cfg.tracking.profile:
-        return None
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    t = cfg.tracking
-    prof = profile(activities=activities, schedule=schedule(wait=t.profile_wait, warmup=t.profile_warmup,
-                                                            active=t.profile_active, repeat=1),
-                   record_shapes=True, profile_memory=True, with_stack=False)
-    prof.start()
-    return prof
-
-
-def finish_profiler(prof, trial_dir: Path, tracker: Tracker) -> None:
-    prof.stop()
-    out = trial_dir / "profile"
-    out.mkdir(exist_ok=True)
-    try:
-        prof.export_chrome_trace(str(out / "trace.json"))
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        (out / "summary.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
-    except (RuntimeError, AssertionError) as e:  # the window never completed (max_steps too small)
-        log.warning("profiler recorded no complete window (%s): raise train.max_steps above "
-                    "tracking.profile_wait + profile_warmup + profile_active", e)
-        return
-    tracker.save_file(out / "trace.json")
-    tracker.save_file(out / "summary.txt")
 
 
 # --- the trial ----------------------------------------------------------------------------------
