@@ -7,6 +7,7 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -266,3 +267,18 @@ def test_a_finished_trial_is_rescored_from_its_folder_alone(mini_sweep):
     cfg = evaluate.load_trial_config(trial, ["eval.clip_model=ViT-B-32", "eval.clip_pretrained=openai"])
     assert (cfg.eval.clip_model, cfg.adapter.kind) == ("ViT-B-32", "loha")
 
+
+def test_the_leaderboard_and_report_of_a_real_sweep(mini_sweep):
+    from sdsweep.leaderboard import write_all
+
+    sweep = mini_sweep[0]
+    board = write_all(sweep, echo=False)
+    configs = list(board["config"])
+    assert configs[0] == "base model (no adapter)" and board["rank"].iloc[0] is pd.NA  # the reference, first
+    assert set(configs[1:3]) == {"adapter=lora", "adapter=loha"} and set(board["rank"].iloc[1:3]) <= {1, 2}
+    assert configs[3] == "adapter=dora" and board["rank"].iloc[3] is pd.NA  # finished, evaluation failed: unranked
+    assert board["status"].iloc[3] == "finished" and "ZeroDivisionError" in board["reason"].iloc[3]
+    html = (sweep / "report.html").read_text()
+    assert html.count("<img ") == 3 * 4  # base, lora, loha: 2 prompts x 2 seeds each
+    for name in ("adapter=lora", "adapter=loha", "adapter=dora", "ZeroDivisionError", "base model (no adapter)"):
+        assert name in html
