@@ -291,7 +291,7 @@ def validate(cfg: DictConfig | Config) -> None:
         p.append(f"data.caption_dropout={d.caption_dropout}: must be in [0, 1]")
     if d.num_workers < 0:
         p.append(f"data.num_workers={d.num_workers}: must be >= 0")
-    _validate_eval(p, cfg.eval)
+    _validate_eval(p, cfg.eval, d.resolution)
     for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
         if getattr(tr, key) < 1:
             p.append(f"train.{key}={getattr(tr, key)}: must be >= 1")
@@ -313,10 +313,11 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(p)
 
 
-def _validate_eval(p: list[str], e: Any) -> None:
+def _validate_eval(p: list[str], e: Any, data_resolution: int) -> None:
     import os
 
-    if e.resolution < 8 or e.resolution % 8:
+    # eval.resolution follows data.resolution unless set: one mistake, one message
+    if e.resolution != data_resolution and (e.resolution < 8 or e.resolution % 8):
         p.append(f"eval.resolution={e.resolution}: must be a positive multiple of 8")
     if e.steps < 1:
         p.append(f"eval.steps={e.steps}: must be >= 1")
