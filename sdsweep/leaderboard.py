@@ -271,7 +271,9 @@ def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.
     per_trial["_pos"] = per_trial["config_key"].map(position)
     per_trial["_failed"] = per_trial["status"].isin(["failed", "interrupted", "running"])
     per_trial = per_trial.sort_values(["_failed", "_pos", "seed", "trial"], kind="stable", na_position="last")
-    return board, per_trial.drop(columns=["_pos", "_failed"]).reset_index(drop=True)
+    columns = ["trial", "config", "seed", "config_rank", "status", "composite", *METRICS, "eval/kid_subset_std",
+               *RESOURCES, "peak_vram_reserved_mb", *GROUPS, "overrides", "reason", "config_key", "eval_base_key"]
+    return board, per_trial[columns].reset_index(drop=True)
 
 
 # --- outputs -----------------------------------------------------------------------------------------
