@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from . import adapters, evaluate, models
+from . import adapters, models
 from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import validate
 from .data import load_dataset, make_loader
@@ -316,7 +316,9 @@ def run_trial(cfg: DictConfig, trial_dir: Path, choices: dict | None = None, ove
                                             _unwrapped_modules(s))
         metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
         # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
-        metrics.update(evaluate.evaluate_trial(cfg, trial_dir, s.components))
+        from .evaluate import evaluate_trial
+
+        metrics.update(evaluate_trial(cfg, trial_dir, s.components))
         metrics["status"] = "finished"
     except KeyboardInterrupt:
         metrics.update(status="interrupted", reason="KeyboardInterrupt")
