@@ -175,10 +175,11 @@ def aggregate(rows: list[dict]) -> pd.DataFrame:
         agg["seeds"] = " ".join(str(r["seed"]) for r in sorted(group, key=lambda r: str(r["seed"])) if r["seed"] is not None)
         agg["trials"] = " ".join(sorted(r["trial"] for r in group))
         failed = [r for r in group if r["status"] not in ("finished", "reference")]
-        if group[0]["status"] == "reference":
-            agg["status"] = "reference"
-        else:
-            agg["status"] = "finished" if ok else "failed"
+        if ok:
+            agg["status"] = ok[0]["status"]  # finished, or reference for the base model
+        else:  # failed, or whatever else stopped every seed (interrupted, ...): listed last with the reason
+            statuses = [r["status"] for r in group]
+            agg["status"] = max(set(statuses), key=statuses.count)
         agg["scored"] = any(r["scored"] for r in ok)
         reasons = sorted({r["reason"] for r in (failed or [r for r in ok if r["reason"]]) if r["reason"]})
         agg["reason"] = "; ".join(reasons)
@@ -269,7 +270,7 @@ def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.
     position = {key: i for i, key in enumerate(board["config_key"])}  # the leaderboard's order, then seed
     per_trial["config_rank"] = per_trial["config_key"].map(dict(zip(board["config_key"], board["rank"]))).astype("Int64")
     per_trial["_pos"] = per_trial["config_key"].map(position)
-    per_trial["_failed"] = per_trial["status"].isin(["failed", "interrupted", "running"])
+    per_trial["_failed"] = ~per_trial["status"].isin(["finished", "reference"])
     per_trial = per_trial.sort_values(["_failed", "_pos", "seed", "trial"], kind="stable", na_position="last")
     columns = ["trial", "config", "seed", "config_rank", "status", "composite", *METRICS, "eval/kid_subset_std",
                *RESOURCES, "peak_vram_reserved_mb", *GROUPS, "overrides", "reason", "config_key", "eval_base_key"]

@@ -136,7 +136,8 @@ def _table(board: pd.DataFrame) -> str:
             cells.append(f"<td>{text}</td>")
         status = _e(r["status"]) + "".join(f"<br><small>{_e(r[k])}</small>" for k in ("reason", "note") if r[k])
         cells.insert(2, f"<td class=status>{status}</td>")
-        cls = {"reference": "ref", "failed": "failed"}.get(r["status"], "pareto" if r["pareto"] is True else "")
+        cls = "ref" if r["status"] == "reference" else "failed" if r["status"] != "finished" else (
+            "pareto" if r["pareto"] is True else "")
         body.append(f"<tr class='{cls}'>{''.join(cells)}</tr>")
     return f"<div class=scroll><table class=board><tr>{head}</tr>{''.join(body)}</table></div>"
 
@@ -261,7 +262,7 @@ tr.ref{background:#f3f6fb} tr.failed{color:#999} tr.pareto td:nth-child(2){font-
 
 def render(sweep_dir: Path, board: pd.DataFrame, per_trial: pd.DataFrame) -> str:
     finished = int((board["status"] == "finished").sum())
-    failed = int((board["status"] == "failed").sum())
+    failed = int((~board["status"].isin(["finished", "reference"])).sum())
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>sdsweep report: {_e(sweep_dir.name)}</title><style>{CSS}</style></head>
 <body>

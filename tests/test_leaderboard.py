@@ -203,3 +203,14 @@ def test_a_wandb_error_is_only_a_warning(sweep, monkeypatch, caplog):
     write_all(sweep, tracking=OmegaConf.create({"mode": "offline", "project": "p"}), echo=False)
     assert (sweep / "leaderboard.csv").exists()
     assert "W&B leaderboard table not logged" in caplog.text and "no network" in caplog.text
+
+
+def test_any_status_other_than_finished_is_listed_last_with_its_reason(tmp_path):
+    s = tmp_path / "sweep"
+    _base(s)
+    _trial(s, ["adapter=dora"], status="interrupted", reason="KeyboardInterrupt")
+    _trial(s, ["adapter=lora"])
+    board, per_trial = build(s)
+    assert list(board["status"]) == ["reference", "finished", "interrupted"]
+    assert board["reason"].iloc[-1] == "KeyboardInterrupt" and pd.isna(board["rank"].iloc[-1])
+    assert per_trial["status"].iloc[-1] == "interrupted"
