@@ -1,4 +1,4 @@
-"""Hydra callbacks: what happens around a whole sweep (summary, exit status)."""
+"""Hydra callbacks: what happens around a whole sweep (summary, exit status, leaderboard)."""
 
 from __future__ import annotations
 
@@ -44,3 +44,20 @@ class SweepSummary(Callback):
             lines.append(f"  PRUNED {d.name}: {m.get('reason')}")
         for line in lines:
             (log.error if failed else log.info)(line)
+        write_leaderboard(sweep_dir, config)
+
+
+def write_leaderboard(sweep_dir: Path, config: DictConfig) -> None:
+    """leaderboard.csv + report.html + the table on the terminal (+ W&B); a bug here must not hide
+    the trials' results, which stay in their folders: say how to rebuild instead."""
+    from omegaconf import OmegaConf
+
+    from .leaderboard import write_all
+
+    try:
+        weights = OmegaConf.select(config, "eval.score_weights")
+        write_all(sweep_dir, OmegaConf.to_container(weights) if weights is not None else None,
+                  tracking=OmegaConf.select(config, "tracking"))
+    except Exception as e:  # noqa: BLE001
+        log.exception("leaderboard not written (%s: %s); rebuild it with `python -m sdsweep.leaderboard %s`",
+                      type(e).__name__, e, sweep_dir)

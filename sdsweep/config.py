@@ -122,14 +122,43 @@ class DataConfig:
     num_workers: int = 0
 
 
+EVAL_METRICS = ("clip_score", "style", "kid", "random_style", "content")
+CLIP_METRICS = ("clip_score", "style", "kid", "content")
+# each weight's key: a metric column of the leaderboard, without its "eval/" prefix
+SCORE_KEYS = ("clip_score", "content_cos", "style_centroid_cos", "style_nn_cos", "kid", "gram_distance",
+              "color_distance")
+TINY_CLIP = "tiny"
+
+
 @dataclass
 class EvalConfig:
     name: str = "default"
+    enabled: bool = True
+    """Sample and score every finished trial (and the base model, once per sweep)."""
     prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    """A text file with one prompt per line (blank lines and '#' comments skipped); replaces `prompts`."""
     seeds: list[int] = field(default_factory=lambda: [0])
+    """One image per (prompt, seed); the same seed draws the same noise in every trial and the base model."""
     steps: int = 4
     guidance_scale: float = 5.0
     resolution: int = 64
+    metrics: list[str] = field(default_factory=lambda: list(EVAL_METRICS))
+    """Any of clip_score, style, kid, random_style, content. random_style alone needs no CLIP weights."""
+    clip_model: str = TINY_CLIP
+    """An open_clip architecture (ViT-L-14, ViT-B-32, hf-hub:...) or `tiny`: a random-weight stand-in built in code."""
+    clip_pretrained: str | None = None
+    """open_clip pretrained tag (openai, laion2b_s32b_b82k, ...) or a local weights file; null with clip_model=tiny."""
+    max_reference_images: int = 32
+    """Training images used as the style reference (evenly spaced over the set); caps feature-extraction time."""
+    kid_subsets: int = 50
+    """Random subsets KID averages over (each of min(#generated, #reference) images)."""
+    score_weights: dict[str, float] = field(
+        default_factory=lambda: {"clip_score": 1.0, "content_cos": 1.0, "style_centroid_cos": 0.5,
+                                 "style_nn_cos": 0.5, "kid": 0.5, "gram_distance": 0.25, "color_distance": 0.25}
+    )
+    """Weights of the leaderboard's composite score: a weighted mean of each metric scaled over the sweep
+    (1 = best value seen, 0 = worst); 0 leaves a metric out."""
 
 
 @dataclass
@@ -282,11 +311,7 @@ def validate(cfg: DictConfig | Config) -> None:
         p.append(f"data.caption_dropout={d.caption_dropout}: must be in [0, 1]")
     if d.num_workers < 0:
         p.append(f"data.num_workers={d.num_workers}: must be >= 0")
-    e = cfg.eval
-    if e.resolution < 8 or e.resolution % 8:
-        p.append(f"eval.resolution={e.resolution}: must be a positive multiple of 8")
-    if e.steps < 1:
-        p.append(f"eval.steps={e.steps}: must be >= 1")
+    _validate_eval(p, cfg.eval, d.resolution)
     for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
         if getattr(tr, key) < 1:
             p.append(f"train.{key}={getattr(tr, key)}: must be >= 1")
@@ -317,3 +342,65 @@ def validate(cfg: DictConfig | Config) -> None:
     _check_choice(p, "device", cfg.device, DEVICES)
     if p:
         raise ConfigError(p)
+
+
+def _validate_eval(p: list[str], e: Any, data_resolution: int) -> None:
+    import os
+
+    # eval.resolution follows data.resolution unless set: one mistake, one message
+    if e.resolution != data_resolution and (e.resolution < 8 or e.resolution % 8):
+        p.append(f"eval.resolution={e.resolution}: must be a positive multiple of 8")
+    if e.steps < 1:
+        p.append(f"eval.steps={e.steps}: must be >= 1")
+    if not e.enabled:
+        return
+    if e.prompts_file:
+        if not os.path.isfile(os.path.expanduser(e.prompts_file)):
+            p.append(f"eval.prompts_file={e.prompts_file}: no such file (one prompt per line)")
+    elif not e.prompts:
+        p.append("eval.prompts is empty: list prompts, set eval.prompts_file, or eval.enabled=false")
+    if not e.seeds:
+        p.append("eval.seeds is empty: give at least one seed, e.g. eval.seeds=[0]")
+    if e.guidance_scale < 0:
+        p.append(f"eval.guidance_scale={e.guidance_scale}: must be >= 0 (<= 1 disables classifier-free guidance)")
+    for m in e.metrics:
+        _check_choice(p, "eval.metrics entry", m, EVAL_METRICS)
+    if e.max_reference_images < 2:
+        p.append(f"eval.max_reference_images={e.max_reference_images}: must be >= 2 (KID needs two)")
+    if e.kid_subsets < 1:
+        p.append(f"eval.kid_subsets={e.kid_subsets}: must be >= 1")
+    for key, weight in e.score_weights.items():
+        _check_choice(p, "eval.score_weights key", key, SCORE_KEYS)
+        if weight is None or weight < 0:
+            p.append(f"eval.score_weights.{key}={weight}: must be >= 0 (0 leaves it out of the composite)")
+    if not any(w for w in e.score_weights.values()):
+        p.append("eval.score_weights are all 0: give at least one metric a positive weight")
+    if any(m in CLIP_METRICS for m in e.metrics):
+        _validate_clip(p, e.clip_model, e.clip_pretrained)
+
+
+def _validate_clip(p: list[str], model: str, pretrained: str | None) -> None:
+    """Names only (no download here): a typo fails before training, not after it."""
+    import os
+
+    if model == TINY_CLIP:
+        if pretrained:
+            p.append(f"eval.clip_model=tiny has no pretrained weights: set eval.clip_pretrained=null, or pick "
+                     f"a real model for eval.clip_pretrained={pretrained} (e.g. eval.clip_model=ViT-L-14)")
+        return
+    if model.startswith(("hf-hub:", "local-dir:")):
+        return
+    if not pretrained:
+        p.append(f"eval.clip_model={model} needs eval.clip_pretrained (e.g. openai), or use eval.clip_model=tiny "
+                 "for the random offline stand-in")
+        return
+    import open_clip
+
+    if model not in open_clip.list_models():
+        p.append(f"eval.clip_model={model} is not an open_clip model: pick one of open_clip.list_models(), "
+                 "e.g. ViT-L-14 or ViT-B-32")
+    elif not os.path.isfile(os.path.expanduser(pretrained)) and pretrained not in (
+        open_clip.list_pretrained_tags_by_model(model)
+    ):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        p.append(f"eval.clip_pretrained={pretrained} is neither a file nor a tag of {model} (its tags: {tags})")

@@ -368,6 +368,10 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
                                             _unwrapped_modules(s))
         metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
+        # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
+        from .evaluate import evaluate_trial
+
+        metrics.update(evaluate_trial(cfg, trial_dir, s.components))
         metrics["status"] = "finished"
     except KeyboardInterrupt:
         metrics.update(status="interrupted", reason="KeyboardInterrupt")

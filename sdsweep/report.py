@@ -1,0 +1,292 @@
+"""report.html: one self-contained page (images as base64 PNG, charts as inline SVG, no scripts).
+
+Order: the image grid first (one row per trial and the base model, one column per prompt and
+seed: people would rather look than read), then the leaderboard, then the score-vs-memory chart
+with the Pareto front and the loss curves of every trial.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+THUMB = 256  # longest side of an embedded image; keeps a 1024-px sweep's report a few MB
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+
+
+def _png(path: Path) -> str:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((THUMB, THUMB))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _e(v) -> str:
+    return html.escape(str(v))
+
+
+def _num(v, spec: str = ".3g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return ""
+    try:
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return _e(v)
+
+
+def _seed(v) -> str:
+    return "" if v is None or pd.isna(v) else str(int(v))
+
+
+TIPS = [("clip_score", "CLIP"), ("content_cos", "content"), ("style_centroid_cos", "style")]
+
+
+def _base_folder(sweep_dir: Path, key: str) -> Path | None:
+    found = sorted(sweep_dir.glob(f"base/{key}")) + sorted(sweep_dir.glob(f"*/base/{key}"))
+    return found[0] if found else None
+
+
+# --- the grid --------------------------------------------------------------------------------------
+
+
+def _grid(sweep_dir: Path, per_trial: pd.DataFrame) -> str:
+    rows, columns = [], []
+    for _, t in per_trial.iterrows():
+        if t["status"] == "reference":
+            folder = _base_folder(sweep_dir, t["eval_base_key"])
+            record = json.loads((folder / "base.json").read_text()) if folder else {}
+            images = folder / "samples" if folder else None
+        else:
+            metrics_file = sweep_dir / t["trial"] / "metrics.json"
+            record = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+            images = sweep_dir / t["trial"] / "samples"
+        cells = {(r["prompt"], r["seed"]): r for r in record.get("eval_images") or []}
+        for key in cells:
+            if key not in columns:
+                columns.append(key)
+        rows.append((t, cells, images))
+    if not columns:
+        return "<p>No images: evaluation was off (eval.enabled=false) or failed in every trial.</p>"
+    head = "".join(f"<th>{_e(p)}<br><small>seed {s}</small></th>" for p, s in columns)
+    body = []
+    for t, cells, images in rows:
+        label = f"<b>{_e(t['config'])}</b>"
+        if t["status"] == "reference":
+            label += "<br><small>reference</small>"
+        else:
+            rank = t.get("config_rank")
+            label += f"<br><small>seed {_seed(t['seed'])}" + (f" · rank {rank}" if not pd.isna(rank) else "") + "</small>"
+        if t["status"] not in ("finished", "reference") or not cells:
+            why = t["reason"] or "no images"
+            body.append(f"<tr><th class=row>{label}</th><td class=failed colspan={len(columns)}>"
+                        f"{_e(t['status'])}: {_e(why)}</td></tr>")
+            continue
+        tds = []
+        for key in columns:
+            r = cells.get(key)
+            path = images / r["file"] if r and images else None
+            if path is None or not path.exists():
+                tds.append("<td class=missing>missing</td>")
+                continue
+            tip = " · ".join(f"{name} {_num(r[k])}" for k, name in TIPS if k in r)
+            tds.append(f'<td><img src="{_png(path)}" alt="{_e(key[0])} seed {key[1]}" title="{_e(tip)}">'
+                       f"<div class=tip>{_e(tip)}</div></td>")
+        body.append(f"<tr><th class=row>{label}</th>{''.join(tds)}</tr>")
+    return f"<table class=grid><tr><th></th>{head}</tr>{''.join(body)}</table>"
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+TABLE = [("rank", "rank", "d"), ("config", "configuration", ""), ("composite", "composite", ".3f"),
+         ("eval/clip_score", "CLIP score", ".2f"), ("eval/content_cos", "content", ".3f"),
+         ("eval/style_centroid_cos", "style (centroid)", ".3f"), ("eval/style_nn_cos", "style (nearest)", ".3f"),
+         ("eval/kid", "KID", ".4f"), ("eval/gram_distance", "Gram dist.", ".3f"),
+         ("eval/color_distance", "colour dist.", ".3f"), ("trainable_params", "trainable params", ",.0f"),
+         ("adapter_mb", "adapter MB", ".2f"), ("peak_vram_mb", "peak VRAM MB", ".0f"),
+         ("peak_memory_mb", "peak memory MB", ".0f"), ("it_per_s", "it/s", ".2f"), ("train_s", "train s", ".1f"),
+         ("wall_s", "wall s", ".1f"), ("final_loss", "final loss", ".4f"), ("pareto", "Pareto", ""),
+         ("fits_t4", "fits T4", ""), ("n_seeds", "seeds", "")]
+
+
+def _table(board: pd.DataFrame) -> str:
+    head = "".join(f"<th>{_e(title)}</th>" for _, title, _ in TABLE[:2]) + "<th>status</th>"
+    head += "".join(f"<th>{_e(title)}</th>" for _, title, _ in TABLE[2:])
+    body = []
+    for _, r in board.iterrows():
+        cells = []
+        for key, _, spec in TABLE:
+            value = r[key]
+            text = _num(value, spec) if spec else ("" if value is None or pd.isna(value) else _e(value))
+            std = r.get(f"{key}_std")
+            if (key == "composite" or key.startswith("eval/")) and std is not None and not pd.isna(std):
+                text += f"<small> ±{_num(std, spec)}</small>"
+            if key in ("pareto", "fits_t4") and text:
+                text = {"True": "yes", "False": "no"}.get(text, text)
+            cells.append(f"<td>{text}</td>")
+        status = _e(r["status"]) + "".join(f"<br><small>{_e(r[k])}</small>" for k in ("reason", "note") if r[k])
+        cells.insert(2, f"<td class=status>{status}</td>")
+        cls = "ref" if r["status"] == "reference" else "failed" if r["status"] != "finished" else (
+            "pareto" if r["pareto"] is True else "")
+        body.append(f"<tr class='{cls}'>{''.join(cells)}</tr>")
+    return f"<div class=scroll><table class=board><tr>{head}</tr>{''.join(body)}</table></div>"
+
+
+# --- charts -----------------------------------------------------------------------------------------
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if not hi > lo:
+        return [lo]
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    for m in (1, 2, 5, 10):
+        if (hi - lo) / (step * m) <= n:
+            step *= m
+            break
+    start = math.ceil(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
+
+
+class _Chart:
+    """A plain SVG plot area with linear axes, ticks and labels."""
+
+    def __init__(self, xs: list[float], ys: list[float], xlabel: str, ylabel: str, w: int = 560, h: int = 340):
+        self.w, self.h, self.m = w, h, (56, 16, 20, 44)  # left, right, top, bottom
+        pad = lambda lo, hi: (lo - 0.05 * (hi - lo or abs(lo) or 1), hi + 0.05 * (hi - lo or abs(hi) or 1))  # noqa: E731
+        self.x0, self.x1 = pad(min(xs), max(xs))
+        self.y0, self.y1 = pad(min(ys), max(ys))
+        self.parts = [f'<rect x="{self.m[0]}" y="{self.m[2]}" width="{w - self.m[0] - self.m[1]}" '
+                      f'height="{h - self.m[2] - self.m[3]}" fill="#fff" stroke="#999"/>']
+        for t in _ticks(self.x0, self.x1):
+            x = self.x(t)
+            self.parts.append(f'<line x1="{x:.1f}" y1="{h - self.m[3]}" x2="{x:.1f}" y2="{h - self.m[3] + 4}" stroke="#666"/>'
+                              f'<text x="{x:.1f}" y="{h - self.m[3] + 16}" text-anchor="middle">{t:.4g}</text>')
+        for t in _ticks(self.y0, self.y1):
+            y = self.y(t)
+            self.parts.append(f'<line x1="{self.m[0] - 4}" y1="{y:.1f}" x2="{w - self.m[1]}" y2="{y:.1f}" stroke="#eee"/>'
+                              f'<text x="{self.m[0] - 6}" y="{y + 4:.1f}" text-anchor="end">{t:.4g}</text>')
+        self.parts.append(f'<text x="{(w + self.m[0]) / 2:.0f}" y="{h - 6}" text-anchor="middle">{_e(xlabel)}</text>'
+                          f'<text transform="translate(14 {(h - self.m[3]) / 2:.0f}) rotate(-90)" '
+                          f'text-anchor="middle">{_e(ylabel)}</text>')
+
+    def x(self, v: float) -> float:
+        return self.m[0] + (v - self.x0) / (self.x1 - self.x0) * (self.w - self.m[0] - self.m[1])
+
+    def y(self, v: float) -> float:
+        return self.h - self.m[3] - (v - self.y0) / (self.y1 - self.y0) * (self.h - self.m[2] - self.m[3])
+
+    def svg(self) -> str:
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.w}" height="{self.h}" '
+                f'font-family="sans-serif" font-size="11">{"".join(self.parts)}</svg>')
+
+
+def _pareto_chart(board: pd.DataFrame) -> str:
+    pts = []
+    for _, r in board.iterrows():
+        memory = r["peak_vram_mb"] if not pd.isna(r["peak_vram_mb"]) else r["peak_memory_mb"]
+        if r["status"] == "finished" and not pd.isna(r["composite"]) and not pd.isna(memory):
+            pts.append((float(memory), float(r["composite"]), r["pareto"] is True, str(r["config"]), r["rank"]))
+    if not pts:
+        return "<p>No scored trial to chart.</p>"
+    what = "peak VRAM (MB)" if board["peak_vram_mb"].notna().any() else "peak memory (MB; CPU run: process RSS)"
+    c = _Chart([p[0] for p in pts], [p[1] for p in pts], what, "composite score")
+    front = sorted((p for p in pts if p[2]), key=lambda p: p[0])
+    if len(front) > 1:
+        c.parts.append('<polyline fill="none" stroke="#d62728" stroke-dasharray="4 3" points="'
+                       + " ".join(f"{c.x(p[0]):.1f},{c.y(p[1]):.1f}" for p in front) + '"/>')
+    for mem, score, on_front, label, rank in pts:
+        colour = "#d62728" if on_front else "#888"
+        c.parts.append(f'<circle cx="{c.x(mem):.1f}" cy="{c.y(score):.1f}" r="5" fill="{colour}">'
+                       f"<title>{_e(label)}: {score:.3f} at {mem:.0f} MB</title></circle>"
+                       + _point_label(c, c.x(mem), c.y(score), f"#{rank} {label[:28]}"))
+    return c.svg()
+
+
+def _point_label(c: _Chart, x: float, y: float, text: str) -> str:
+    """Right of the point, or left of it near the right edge, so that it stays inside the chart."""
+    right = x > c.w * 0.6
+    return (f'<text x="{x - 7 if right else x + 7:.1f}" y="{y - 6 if y > c.m[2] + 14 else y + 16:.1f}" '
+            f'text-anchor="{"end" if right else "start"}">{_e(text)}</text>')
+
+
+def _loss_chart(sweep_dir: Path, per_trial: pd.DataFrame) -> str:
+    curves = []
+    for _, t in per_trial.iterrows():
+        f = sweep_dir / str(t["trial"]) / "metrics.json"
+        if t["status"] == "reference" or not f.exists():
+            continue
+        losses = [v for v in json.loads(f.read_text()).get("losses") or [] if v is not None and math.isfinite(v)]
+        if losses:
+            curves.append((f"{t['config']} (seed {_seed(t['seed'])})", losses))
+    if not curves:
+        return "<p>No loss curves recorded.</p>"
+    xs = [1, max(len(v) for _, v in curves)]
+    c = _Chart(xs if xs[1] > 1 else [1, 2], [v for _, ls in curves for v in ls], "step", "train/loss")
+    legend = []
+    for i, (label, losses) in enumerate(curves):
+        colour = PALETTE[i % len(PALETTE)]
+        points = " ".join(f"{c.x(step):.1f},{c.y(v):.1f}" for step, v in enumerate(losses, 1))
+        c.parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}">'
+                       f"<title>{_e(label)}</title></polyline>")
+        legend.append(f'<span style="color:{colour}">&#9632;</span> {_e(label)}')
+    return c.svg() + "<div class=legend>" + "<br>".join(legend) + "</div>"
+
+
+# --- the page ----------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:20px;color:#222}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px} .sub{color:#666;font-size:13px}
+table{border-collapse:collapse;font-size:12px}
+.grid td,.grid th{padding:4px;vertical-align:top;text-align:center}
+.grid th.row{text-align:right;max-width:220px;font-weight:normal}
+.grid img{width:160px;height:160px;object-fit:contain;image-rendering:auto;display:block}
+.grid .tip{font-size:10px;color:#666;max-width:160px}
+.grid td.failed{color:#b00;text-align:left}
+.board th,.board td{border-bottom:1px solid #ddd;padding:3px 6px;text-align:right;white-space:nowrap}
+.board td:nth-child(2),.board td:nth-child(3),.board th:nth-child(3){text-align:left}.board td.status{text-align:left;white-space:normal;min-width:160px;max-width:300px}
+tr.ref{background:#f3f6fb} tr.failed{color:#999} tr.pareto td:nth-child(2){font-weight:bold}
+.scroll{overflow-x:auto} .charts{display:flex;flex-wrap:wrap;gap:24px} .legend{font-size:11px;margin-top:4px}
+"""
+
+
+def render(sweep_dir: Path, board: pd.DataFrame, per_trial: pd.DataFrame) -> str:
+    finished = int((board["status"] == "finished").sum())
+    failed = int((~board["status"].isin(["finished", "reference"])).sum())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>sdsweep report: {_e(sweep_dir.name)}</title><style>{CSS}</style></head>
+<body>
+<h1>sdsweep: {_e(sweep_dir)}</h1>
+<div class=sub>{len(per_trial)} rows · {finished} configurations finished · {failed} failed ·
+written {datetime.now():%Y-%m-%d %H:%M} · rebuild with <code>python -m sdsweep.leaderboard {_e(sweep_dir)}</code></div>
+<h2>Images: one row per trial, the base model first; one column per prompt and seed</h2>
+{_grid(sweep_dir, per_trial)}
+<h2>Leaderboard</h2>
+<div class=sub>composite: weighted mean of the metrics scaled over this sweep (1 = best value seen, 0 = worst;
+differences under 5% of a metric's size count as ties);
+± is the standard deviation over seeds; Pareto: not beaten on score, peak memory and training time at once.</div>
+{_table(board)}
+<h2>Charts</h2>
+<div class=charts><div><b>Composite score against peak memory</b> (red: Pareto-optimal over score, memory and
+training time)<br>{_pareto_chart(board)}</div>
+<div><b>Training loss of every trial</b><br>{_loss_chart(sweep_dir, per_trial)}</div></div>
+</body></html>
+"""
+
+
+def write_report(sweep_dir: Path, board: pd.DataFrame, per_trial: pd.DataFrame) -> Path:
+    from .io import atomic_write_bytes
+
+    path = Path(sweep_dir) / "report.html"
+    atomic_write_bytes(path, render(Path(sweep_dir), board, per_trial).encode("utf-8"))
+    return path

@@ -1,0 +1,216 @@
+"""The leaderboard ranks, ties, aggregates over seeds and lists failures from trial folders alone."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from sdsweep import leaderboard
+from sdsweep.callbacks import SweepSummary
+from sdsweep.leaderboard import build, write_all
+
+PROMPTS = [("a cat", 0), ("a dog", 0)]
+BASE_KEY = "abc123"
+
+
+def _metrics(clip=30.0, content=0.9, style=0.8, kid=0.01, **extra) -> dict:
+    return {"eval/clip_score": clip, "eval/content_cos": content, "eval/style_centroid_cos": style,
+            "eval/style_nn_cos": style + 0.05, "eval/kid": kid, "eval/kid_std": 0.001, "eval/gram_distance": 0.5,
+            "eval/color_distance": 0.1, "eval/base_key": BASE_KEY, **extra}
+
+
+def _trial(sweep: Path, overrides: list[str], status="finished", memory=1000.0, train_s=10.0, images=True, **m) -> Path:
+    folder = sweep / ",".join(overrides)
+    metrics = {"status": status, "overrides": overrides,
+               "choices": {"adapter": next((o.split("=")[1] for o in overrides if o.startswith("adapter=")), "lora"),
+                           "model": "tiny-sdxl"},
+               "trainable_params": 1000, "adapter_mb": 0.5, "peak_vram_mb": memory, "peak_memory_mb": memory,
+               "steps_per_s": 2.0, "train_s": train_s, "wall_s": train_s + 5, "final_loss": 0.1,
+               "losses": [0.3, 0.2, 0.1]}
+    if status == "finished":
+        metrics.update(m or _metrics())
+        if images:
+            (folder / "samples").mkdir(parents=True)
+            rows = []
+            for i, (prompt, seed) in enumerate(PROMPTS):
+                name = f"{i:02d}_{prompt.replace(' ', '-')}_seed{seed}.png"
+                Image.new("RGB", (16, 16), (40 * i, 100, 200)).save(folder / "samples" / name)
+                rows.append({"prompt": prompt, "seed": seed, "file": name, "clip_score": 30.0})
+            metrics["eval_images"] = rows
+    else:
+        metrics["reason"] = m.get("reason", "out of memory")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def _base(sweep: Path, **m) -> None:
+    folder = sweep / "base" / BASE_KEY
+    (folder / "samples").mkdir(parents=True)
+    rows = []
+    for i, (prompt, seed) in enumerate(PROMPTS):
+        name = f"{i:02d}_{prompt.replace(' ', '-')}_seed{seed}.png"
+        Image.new("RGB", (16, 16), (0, 0, 0)).save(folder / "samples" / name)
+        rows.append({"prompt": prompt, "seed": seed, "file": name})
+    settings = {"precision": {"base_dtype": "fp32", "quantize": "none"}}
+    record = {"key": BASE_KEY, "settings": settings, "status": "reference", "eval_images": rows,
+              **_metrics(**{"clip": 25.0, "content": 1.0, "style": 0.5, "kid": 0.05, **m})}
+    (folder / "base.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """Three configurations x three seeds (one seed failed), one config whose evaluation failed, one failed config."""
+    s = tmp_path / "sweep"
+    _base(s)
+    for seed, (clip_a, clip_b) in enumerate([(31.0, 29.0), (32.0, 30.0), (33.0, 31.0)]):
+        _trial(s, ["adapter=lora", f"seed={seed}"], **_metrics(clip=clip_a))
+        _trial(s, ["adapter=dora", f"seed={seed}"], memory=1200.0, **_metrics(clip=clip_b))
+    _trial(s, ["adapter=loha", "seed=0"], memory=900.0, train_s=20.0, **_metrics(clip=20.0))
+    _trial(s, ["adapter=loha", "seed=1"], status="failed", reason="NonFiniteLoss: loss became nan at step 3")
+    _trial(s, ["adapter=lokr", "seed=0"], eval_error="ClipLoadError: could not load CLIP weights", images=False)
+    _trial(s, ["adapter=lokr,targets=many", "seed=0"], status="failed", reason="out of memory")
+    return s
+
+
+def test_rows_are_configurations_ranked_by_mean_with_base_first_and_failures_last(sweep):
+    board, _ = build(sweep)
+    assert list(board["config"]) == ["base model (no adapter)", "adapter=lora", "adapter=dora", "adapter=loha",
+                                     "adapter=lokr", "adapter=lokr,targets=many"]
+    assert list(board["status"]) == ["reference", "finished", "finished", "finished", "finished", "failed"]
+    assert board["rank"].tolist()[1:4] == [1, 2, 3]
+    assert board["rank"].iloc[[0, 4, 5]].isna().all()  # reference, evaluation failed, training failed
+    assert board["reason"].iloc[4].startswith("ClipLoadError") and board["reason"].iloc[5] == "out of memory"
+
+
+def test_seeds_are_aggregated_into_mean_and_spread(sweep):
+    board, per_trial = build(sweep)
+    lora = board.set_index("config").loc["adapter=lora"]
+    assert lora["n_seeds"] == 3 and lora["seeds"] == "0 1 2"
+    assert lora["eval/clip_score"] == pytest.approx(32.0)
+    assert lora["eval/clip_score_std"] == pytest.approx(1.0)  # sample standard deviation of 31, 32, 33
+    loha = board.set_index("config").loc["adapter=loha"]
+    assert loha["n_seeds"] == 1 and math.isnan(loha["eval/clip_score_std"])
+    assert "1 of 2 seeds failed" in loha["note"] and "NonFiniteLoss" in loha["reason"]
+    assert len(per_trial) == 1 + 3 + 3 + 2 + 1 + 1
+    assert per_trial["status"].iloc[0] == "reference" and (per_trial["status"].iloc[-2:] == "failed").all()
+
+
+def test_configurations_within_their_seed_spread_get_a_note(sweep):
+    board, _ = build(sweep)
+    notes = board.set_index("config")["note"]
+    # lora (clip 32 +- 1) and dora (30 +- 1) differ by less than their summed composite spread
+    assert "not separated from #1 adapter=lora" in notes["adapter=dora"]
+    assert notes["adapter=lora"] == ""
+
+
+def test_ties_share_a_rank(tmp_path):
+    s = tmp_path / "sweep"
+    _base(s)
+    _trial(s, ["adapter=lora"])
+    _trial(s, ["adapter=dora"])
+    _trial(s, ["adapter=loha"], **_metrics(clip=10.0))
+    board, _ = build(s)
+    ranks = dict(zip(board["config"], board["rank"]))
+    assert ranks["adapter=lora"] == ranks["adapter=dora"] == 1 and ranks["adapter=loha"] == 3
+
+
+def test_composite_weights_change_the_order(tmp_path):
+    s = tmp_path / "sweep"
+    _base(s)
+    _trial(s, ["adapter=lora"], **_metrics(clip=35.0, content=0.5))
+    _trial(s, ["adapter=dora"], **_metrics(clip=25.0, content=0.99))
+    by_clip, _ = build(s, {"clip_score": 1.0, "content_cos": 0.0})
+    by_content, _ = build(s, {"clip_score": 0.0, "content_cos": 1.0})
+    assert by_clip["config"].iloc[1] == "adapter=lora" and by_content["config"].iloc[1] == "adapter=dora"
+    assert by_clip["composite"].iloc[1] == pytest.approx(1.0)  # the best value seen scores 1
+
+
+def test_noise_level_differences_do_not_make_a_ranking(tmp_path):
+    s = tmp_path / "sweep"
+    _base(s)
+    _trial(s, ["adapter=lora"], **_metrics(clip=30.0, content=0.999999))
+    _trial(s, ["adapter=dora"], **_metrics(clip=30.000001, content=0.999998))
+    board, _ = build(s)
+    lora, dora = board.set_index("config").loc[["adapter=lora", "adapter=dora"], "composite"]
+    assert abs(lora - dora) < 1e-4
+
+
+def test_pareto_front_and_t4_flag(tmp_path):
+    s = tmp_path / "sweep"
+    _base(s)
+    _trial(s, ["adapter=lora"], memory=8000.0, **_metrics(clip=30.0))   # best score
+    _trial(s, ["adapter=dora"], memory=4000.0, **_metrics(clip=28.0))   # less memory
+    _trial(s, ["adapter=loha"], memory=9000.0, **_metrics(clip=27.0))   # beaten on everything
+    _trial(s, ["adapter=lokr"], memory=20000.0, train_s=1.0, **_metrics(clip=26.0))  # fastest, too big for a T4
+    board = build(s)[0].set_index("config")
+    assert board.loc["base model (no adapter)", "pareto"] is pd.NA  # the reference is not a candidate
+    assert [bool(board.loc[c, "pareto"]) for c in ("adapter=lora", "adapter=dora", "adapter=loha", "adapter=lokr")] == \
+        [True, True, False, True]
+    assert bool(board.loc["adapter=lora", "fits_t4"]) and not bool(board.loc["adapter=lokr", "fits_t4"])
+
+
+def test_rebuilding_from_the_folders_gives_the_same_csv(sweep, capsys):
+    (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml({"eval": {"score_weights": {"clip_score": 2.0}}}))
+    write_all(sweep)
+    first = (sweep / "leaderboard.csv").read_bytes()
+    assert "adapter=lora" in capsys.readouterr().out  # the table is printed
+    (sweep / "leaderboard.csv").unlink()
+    assert leaderboard.main([str(sweep)]) == 0
+    assert (sweep / "leaderboard.csv").read_bytes() == first
+    csv = pd.read_csv(sweep / "leaderboard.csv")
+    for column in ("rank", "config", "adapter", "overrides", "trainable_params", "adapter_mb", "peak_vram_mb",
+                   "it_per_s", "wall_s", "final_loss", "eval/clip_score", "eval/kid", "composite", "pareto",
+                   "fits_t4", "status", "reason", "note"):
+        assert column in csv.columns, column
+    assert leaderboard.main([str(sweep), "--weight", "clip_score=0"]) == 0
+    assert (sweep / "leaderboard.csv").read_bytes() != first
+
+
+def test_the_report_shows_the_grid_first_and_holds_every_trial(sweep):
+    write_all(sweep, echo=False)
+    page = (sweep / "report.html").read_text()
+    assert page.index("<table class=grid>") < page.index("<table class=board>") < page.index("<svg")
+    # base + 3 lora + 3 dora + 1 loha rows with two images each (lokr's evaluation failed, the rest failed)
+    assert page.count("<img ") == 2 * (1 + 3 + 3 + 1)
+    for text in ("adapter=lora", "adapter=dora", "adapter=loha", "adapter=lokr", "adapter=lokr,targets=many",
+                 "out of memory", "NonFiniteLoss", "ClipLoadError", "base model (no adapter)", "polyline"):
+        assert text in page, text
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing to fetch: opens from disk
+
+
+def test_the_callback_writes_the_leaderboard_at_the_end_of_a_multirun(sweep, capsys):
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "tracking": {"mode": "disabled"},
+                               "eval": {"score_weights": {"clip_score": 1.0}}})
+    SweepSummary().on_multirun_end(config)
+    assert (sweep / "leaderboard.csv").exists() and (sweep / "report.html").exists()
+    assert "adapter=lora" in capsys.readouterr().out
+
+
+def test_a_wandb_error_is_only_a_warning(sweep, monkeypatch, caplog):
+    import wandb
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    write_all(sweep, tracking=OmegaConf.create({"mode": "offline", "project": "p"}), echo=False)
+    assert (sweep / "leaderboard.csv").exists()
+    assert "W&B leaderboard table not logged" in caplog.text and "no network" in caplog.text
+
+
+def test_any_status_other_than_finished_is_listed_last_with_its_reason(tmp_path):
+    s = tmp_path / "sweep"
+    _base(s)
+    _trial(s, ["adapter=dora"], status="interrupted", reason="KeyboardInterrupt")
+    _trial(s, ["adapter=lora"])
+    board, per_trial = build(s)
+    assert list(board["status"]) == ["reference", "finished", "interrupted"]
+    assert board["reason"].iloc[-1] == "KeyboardInterrupt" and pd.isna(board["rank"].iloc[-1])
+    assert per_trial["status"].iloc[-1] == "interrupted"
