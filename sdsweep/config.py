@@ -111,10 +111,28 @@ class ModelConfig:
 class DataConfig:
     name: str = "builtin"
     path: str | None = None
-    """Image folder with metadata.jsonl or .txt captions; null means the built-in set."""
+    """Image folder with metadata.jsonl, metadata.csv or .txt captions; null (and no
+    data.dataset) means the built-in set."""
+    dataset: str | None = None
+    """A Hugging Face dataset: a hub name (e.g. lambdalabs/naruto-blip-captions) or a folder
+    written by `Dataset.save_to_disk`. Needs the `datasets` package (pip install 'sdsweep[hf]')."""
+    split: str = "train"
+    """Split of data.dataset to train on."""
+    image_column: str = "image"
+    """Image column of data.dataset."""
+    caption_column: str = "text"
+    """Caption column of data.dataset, and of a folder's metadata.jsonl / metadata.csv."""
     resolution: int = 64
+    """Side of the square training image; with buckets, the area every bucket keeps (~resolution^2)."""
     crop: str = "random"
     hflip: bool = True
+    buckets: bool = False
+    """Aspect-ratio bucketing: each image is trained at the bucket (h, w) closest to its own
+    aspect ratio, every batch drawn from one bucket, instead of a square crop."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this (64 for SD/SDXL/SD3; 16 is enough for the tiny models)."""
+    max_aspect: float = 2.0
+    """Longest bucket side / shortest bucket side at most."""
     caption_dropout: float = 0.0
     """Probability of training on the empty prompt instead of the caption."""
     min_size: int = 8
@@ -258,6 +276,13 @@ def validate(cfg: DictConfig | Config) -> None:
     if d.resolution < 8 or d.resolution % 8:
         p.append(f"data.resolution={d.resolution}: must be a positive multiple of 8 (e.g. 512 or 1024)")
     _check_choice(p, "data.crop", d.crop, CROPS)
+    if d.path and d.dataset:
+        p.append(f"data.path={d.path} and data.dataset={d.dataset} are both set: keep one of them")
+    if d.buckets:
+        if d.bucket_step < 8 or d.bucket_step % 8 or d.bucket_step > d.resolution:
+            p.append(f"data.bucket_step={d.bucket_step}: must be a multiple of 8 no larger than data.resolution")
+        if d.max_aspect < 1.0:
+            p.append(f"data.max_aspect={d.max_aspect}: must be >= 1 (2.0 allows 2:1 and 1:2 buckets)")
     if not 0.0 <= d.caption_dropout <= 1.0:
         p.append(f"data.caption_dropout={d.caption_dropout}: must be in [0, 1]")
     if d.num_workers < 0:

@@ -136,10 +136,13 @@ def encode_text(components: models.Components, captions: list[str], device: torc
     return torch.cat(hidden, dim=-1), pooled
 
 
-def sdxl_time_ids(batch: dict, resolution: int, device: torch.device) -> torch.Tensor:
-    """SDXL micro-conditioning: original size, crop top-left, target size (each (h, w))."""
-    target = torch.tensor([resolution, resolution]).expand(batch["original_size"].shape[0], 2)
-    return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).to(device, torch.float32)
+def sdxl_time_ids(batch: dict, device: torch.device) -> torch.Tensor:
+    """SDXL micro-conditioning: original size, crop top-left, target size (each (h, w)).
+
+    The target size is the item's own: (resolution, resolution), or its bucket.
+    """
+    parts = [batch["original_size"], batch["crop_top_left"], batch["target_size"]]
+    return torch.cat(parts, dim=1).to(device, torch.float32)
 
 
 def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
@@ -160,7 +163,7 @@ def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         added = None
         if comps.family == "sdxl":
-            added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, cfg.data.resolution, device)}
+            added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, device)}
         pred = comps.unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
