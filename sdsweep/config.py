@@ -141,6 +141,15 @@ class DataConfig:
 
 
 @dataclass
+class CacheConfig:
+    enabled: bool = True
+    """Cache VAE latents and frozen text-encoder outputs on disk, shared by every trial of a
+    sweep that can use them. Never changes what is trained (see sdsweep/cache.py)."""
+    dir: str | None = None
+    """Where the entries live; null: <model.cache_dir>/features."""
+
+
+@dataclass
 class EvalConfig:
     name: str = "default"
     prompts: list[str] = field(default_factory=list)
@@ -195,6 +204,7 @@ class Config:
     data: DataConfig = MISSING
     eval: EvalConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 0

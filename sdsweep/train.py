@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from . import adapters, models
+from . import adapters, cache, models
 from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from .conditioning import encode_text, prompt_embeddings, sdxl_time_ids
 from .config import validate
 from .data import load_dataset, make_loader
 from .io import atomic_write_json
@@ -76,7 +77,15 @@ def setup(cfg: DictConfig) -> Setup:
     dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
     components = models.load_components(cfg.model)
     models.place(components, cfg.precision, device)
+    mp = cfg.precision.mixed_precision
+    autocast_dtype = None if mp == "no" else models.DTYPES[mp]
+    # before any adapter is attached: the cache keys hash the frozen modules as loaded
+    data_report = report.summary()
+    data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
 
+    # adapter initialisation depends on the seed alone, not on what set-up drew before it
+    # (filling the cache or not must not change the trial)
+    torch.manual_seed(cfg.seed)
     adapters.attach(components.unet, cfg.adapter, list(cfg.targets.patterns), "unet")
     if cfg.text_encoder.train:
         for i, te in enumerate(components.text_encoders):
@@ -109,52 +118,50 @@ def setup(cfg: DictConfig) -> Setup:
     # Mixed precision is autocast + GradScaler from torch.amp rather than accelerate's, because
     # accelerate silently turns fp16 off on a CPU, and precision=fp16 must mean fp16 everywhere.
     # accelerate still owns device placement, multi-GPU (DDP) and gradient-accumulation syncs.
-    mp = cfg.precision.mixed_precision
-    autocast_dtype = None if mp == "no" else models.DTYPES[mp]
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")
     accelerator = Accelerator(cpu=device.type == "cpu")
     components.unet, optimizer = accelerator.prepare(components.unet, optimizer)
-    return Setup(components, device, dataset, report.summary(), trainable, optimizer, scheduler, scaler,
+    return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler,
                  accelerator, autocast_dtype)
 
 
 # --- one step's loss ----------------------------------------------------------------------------
 
 
-def encode_text(components: models.Components, captions: list[str], device: torch.device):
-    """Per-token embeddings (and SDXL's pooled embedding) as the diffusers examples compute them."""
-    hidden, pooled = [], None
-    for tokenizer, te in zip(components.tokenizers, components.text_encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        out = te(ids, output_hidden_states=True)
-        if components.family == "sdxl":
-            hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
-            pooled = out[0] if out[0].ndim == 2 else pooled  # text_embeds of the projection encoder
-        else:
-            hidden.append(out.last_hidden_state)
-    return torch.cat(hidden, dim=-1), pooled
+def latents_of(s: Setup, batch: dict) -> torch.Tensor:
+    """Scaled latents of the batch: sampled from its cached latent distribution, or encoded now.
 
-
-def sdxl_time_ids(batch: dict, device: torch.device) -> torch.Tensor:
-    """SDXL micro-conditioning: original size, crop top-left, target size (each (h, w)).
-
-    The target size is the item's own: (resolution, resolution), or its bucket.
+    Either way one `DiagonalGaussianDistribution.sample()`: the same random draw, the same latents.
     """
-    parts = [batch["original_size"], batch["crop_top_left"], batch["target_size"]]
-    return torch.cat(parts, dim=1).to(device, torch.float32)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    vae = s.components.vae
+    with torch.no_grad():
+        if "latent_dist" in batch:
+            params = batch["latent_dist"].to(s.device)
+        else:
+            pixels = batch["pixel_values"].to(s.device, dtype=next(vae.parameters()).dtype)
+            params = vae.encode(pixels).latent_dist.parameters
+        latents = DiagonalGaussianDistribution(params).sample()
+        if getattr(vae.config, "shift_factor", None) is not None:
+            latents = latents - vae.config.shift_factor
+        # the fp32 VAE's latents join the half-precision UNet via autocast. Contiguous: the VAE
+        # can return a channels-last layout, and randn_like(latents) follows the layout, so the
+        # same seed would give other noise for encoded and for cached latents
+        return (latents * vae.config.scaling_factor).float().contiguous()
 
 
 def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
     comps, device = s.components, s.device
     scheduler = comps.noise_scheduler
-    with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, dtype=next(comps.vae.parameters()).dtype)
-        latents = comps.vae.encode(pixels).latent_dist.sample() * comps.vae.config.scaling_factor
-        latents = latents.float()  # the fp32 VAE's latents join the half-precision UNet via autocast
+    latents = latents_of(s, batch)
     with torch.autocast(device.type, dtype=s.autocast_dtype or torch.float32, enabled=s.autocast_dtype is not None):
-        with torch.set_grad_enabled(cfg.text_encoder.train):
-            embeds, pooled = encode_text(comps, batch["captions"], device)
+        if "text_features" in batch:  # cached outputs of the frozen text encoders
+            parts = {k: v.to(device) for k, v in batch["text_features"].items()}
+        else:
+            with torch.set_grad_enabled(cfg.text_encoder.train):
+                parts = encode_text(comps, batch["captions"], device)
+        embeds, pooled = prompt_embeddings(comps, parts)
         noise = torch.randn_like(latents)
         if cfg.train.noise_offset:
             # offset noise (Guttenberg 2023) lets the model shift the mean brightness
