@@ -39,7 +39,9 @@ def encode_text(components: Components, captions: list[str], device: torch.devic
     parts = {"clip": torch.cat(hidden, dim=-1), "pooled": torch.cat(pooled, dim=-1)}
     if len(encoders) > 2:
         ids = _tokens(tokenizers[2], captions, device, components.extra.get("t5_max_length"))
-        parts["t5"] = encoders[2](ids)[0]
+        # T5 overflows in fp16: outside any fp16 autocast, in its own (bf16/fp32) weights
+        with torch.autocast(device.type, enabled=False):
+            parts["t5"] = encoders[2](ids)[0]
     return parts
 
 

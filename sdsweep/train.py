@@ -18,10 +18,9 @@ from pathlib import Path
 
 import psutil
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from . import adapters, cache, models
+from . import adapters, cache, models, objectives
 from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .conditioning import encode_text, prompt_embeddings, sdxl_time_ids
 from .config import validate
@@ -86,15 +85,16 @@ def setup(cfg: DictConfig) -> Setup:
     # adapter initialisation depends on the seed alone, not on what set-up drew before it
     # (filling the cache or not must not change the trial)
     torch.manual_seed(cfg.seed)
-    adapters.attach(components.unet, cfg.adapter, list(cfg.targets.patterns), "unet")
-    if cfg.text_encoder.train:
-        for i, te in enumerate(components.text_encoders):
-            adapters.attach(te, cfg.adapter, list(cfg.text_encoder.patterns), f"text encoder {i + 1}")
+    denoiser = "transformer" if components.family == "sd3" else "unet"
+    adapters.attach(components.unet, cfg.adapter, adapters.denoiser_patterns(cfg.targets, components.family), denoiser)
+    trained_encoders = components.trainable_text_encoders if cfg.text_encoder.train else []
+    for i, te in enumerate(trained_encoders):
+        adapters.attach(te, cfg.adapter, list(cfg.text_encoder.patterns), f"text encoder {i + 1}")
+        te.train()  # adapter dropout acts only in training mode (the frozen CLIP has no dropout of its own)
     if cfg.train.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-        if cfg.text_encoder.train:
-            for te in components.text_encoders:
-                te.gradient_checkpointing_enable()
+        for te in trained_encoders:
+            te.gradient_checkpointing_enable()
     components.unet.train()
 
     trainable = {
@@ -105,8 +105,8 @@ def setup(cfg: DictConfig) -> Setup:
     }
     te_lr = cfg.text_encoder.lr or cfg.train.lr
     groups = [{"params": adapters.trainable_parameters(components.unet), "lr": cfg.train.lr}]
-    if cfg.text_encoder.train:
-        te_params = [p for te in components.text_encoders for p in adapters.trainable_parameters(te)]
+    if trained_encoders:
+        te_params = [p for te in trained_encoders for p in adapters.trainable_parameters(te)]
         groups.append({"params": te_params, "lr": te_lr})
     optimizer = build_optimizer(cfg, groups, device)
     scheduler = get_scheduler(
@@ -152,8 +152,8 @@ def latents_of(s: Setup, batch: dict) -> torch.Tensor:
 
 
 def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
+    """The family's training loss on one batch: DDPM (sd15, sdxl) or flow matching (sd3)."""
     comps, device = s.components, s.device
-    scheduler = comps.noise_scheduler
     latents = latents_of(s, batch)
     with torch.autocast(device.type, dtype=s.autocast_dtype or torch.float32, enabled=s.autocast_dtype is not None):
         if "text_features" in batch:  # cached outputs of the frozen text encoders
@@ -162,30 +162,22 @@ def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
             with torch.set_grad_enabled(cfg.text_encoder.train):
                 parts = encode_text(comps, batch["captions"], device)
         embeds, pooled = prompt_embeddings(comps, parts)
-        noise = torch.randn_like(latents)
-        if cfg.train.noise_offset:
-            # offset noise (Guttenberg 2023) lets the model shift the mean brightness
-            noise += cfg.train.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        added = None
-        if comps.family == "sdxl":
-            added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, device)}
-        pred = comps.unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.train.snr_gamma:
-        from diffusers.training_utils import compute_snr
+        if comps.family == "sd3":
 
-        # min-SNR-gamma weighting (Hang et al. 2023), as in the diffusers examples
-        snr = compute_snr(scheduler, timesteps)
-        weight = torch.clamp(snr, max=cfg.train.snr_gamma) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=cfg.train.snr_gamma) / (snr + 1)
-        loss = loss * weight
+            def denoise(noisy, timesteps):
+                return comps.unet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
+                                  pooled_projections=pooled).sample
+
+            loss = objectives.flow_matching_loss(denoise, comps.noise_scheduler, cfg.train, latents)
+        else:
+            added = None
+            if comps.family == "sdxl":
+                added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, device)}
+
+            def denoise(noisy, timesteps):
+                return comps.unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
+
+            loss = objectives.ddpm_loss(denoise, comps.noise_scheduler, cfg.train, latents)
     return loss.mean()
 
 
