@@ -45,6 +45,16 @@ def resolve_targets(model: torch.nn.Module, patterns: list[str], what: str) -> l
     return names
 
 
+def denoiser_patterns(targets, family: str) -> list[str]:
+    """The targets group's patterns for this family's denoiser: UNet or MMDiT transformer."""
+    return list(targets.transformer_patterns if family == "sd3" else targets.patterns)
+
+
+def pipeline_component(family: str, name: str) -> str:
+    """The name a module has in the family's diffusers pipeline (Components calls every denoiser unet)."""
+    return "transformer" if family == "sd3" and name == "unet" else name
+
+
 def peft_config(cfg: AdapterConfig, target_names: list[str]):
     """The peft config for `cfg`, targeting exactly `target_names`."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
@@ -100,11 +110,13 @@ def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.
 
     lora/dora: one `pytorch_lora_weights.safetensors` in diffusers' format (with peft's config
     as metadata), which `pipeline.load_lora_weights(folder)` reads.
+    Components are named as in the family's pipeline (SD3's denoiser: `transformer`).
     loha/lokr: diffusers' loader does not read peft's LyCORIS layers, so each component is
     saved in peft's own format (`<component>/adapter_model.safetensors` and
     `adapter_config.json`), loadable with `load_adapter` below or peft's `set_peft_model_state_dict`.
     """
-    adapted = {n: m for n, m in modules.items() if getattr(m, "_hf_peft_config_loaded", False)}
+    adapted = {pipeline_component(family, n): m for n, m in modules.items()
+               if getattr(m, "_hf_peft_config_loaded", False)}
     with atomic_dir(folder) as tmp:
         if kind in ("lora", "dora"):
             _save_diffusers_lora(tmp, family, adapted)
@@ -114,17 +126,22 @@ def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.
 
 
 def _save_diffusers_lora(folder: Path, family: str, adapted: dict[str, torch.nn.Module]) -> None:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    from .models import pipeline_class
+
     kwargs = {}
     for name, module in adapted.items():
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        layers = get_peft_model_state_dict(module)
+        if family != "sd3":
+            # the SD/SDXL loaders expect diffusers' key names (as the SDXL LoRA script saves them);
+            # SD3's loader reads peft's names, and the conversion would rename its to_q/to_k/to_v/
+            # to_out layers to the old attention-processor names it no longer loads
+            layers = convert_state_dict_to_diffusers(layers)
         kwargs[f"{name}_lora_layers"] = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
-    pipeline_cls.save_lora_weights(folder, weight_name=LORA_WEIGHTS, **kwargs)
+    pipeline_class(family).save_lora_weights(folder, weight_name=LORA_WEIGHTS, **kwargs)
 
 
 def _save_peft(folder: Path, adapted: dict[str, torch.nn.Module]) -> None:

@@ -26,7 +26,8 @@ DTYPES = ("fp32", "fp16", "bf16")
 QUANTIZATIONS = ("none", "int8", "nf4")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-FAMILIES = ("sdxl", "sd15")
+FAMILIES = ("sdxl", "sd15", "sd3")
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 CROPS = ("center", "random")
 TRACKING_MODES = ("online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16))
@@ -50,7 +51,10 @@ class AdapterConfig:
 class TargetsConfig:
     name: str = "attn"
     patterns: list[str] = field(default_factory=list)
-    """Regular expressions, each full-matched against the denoiser's module names."""
+    """Regular expressions, each full-matched against the UNet's module names (sd15, sdxl)."""
+    transformer_patterns: list[str] = field(default_factory=list)
+    """The same choice for an MMDiT transformer (sd3), which has joint attention (attn.to_*
+    for the image stream, attn.add_*_proj / to_add_out for the text stream) instead of attn1/attn2."""
 
 
 @dataclass
@@ -94,15 +98,25 @@ class OptimizerConfig:
 class ModelConfig:
     name: str = "tiny-sdxl"
     family: str = "sdxl"
-    """sdxl | sd15: which conditioning the denoiser expects."""
+    """sdxl | sd15 | sd3: the architecture, its conditioning and its training objective."""
     pretrained: str | None = None
-    """Hub id or local diffusers folder. null with build_tiny: the tiny model built in code."""
+    """Hub id, local diffusers folder, or a single-file .safetensors/.ckpt checkpoint (loaded with
+    diffusers' from_single_file). null with build_tiny: the tiny model built in code."""
     build_tiny: bool = False
     """Build a tiny random-weight model of `family` in code (saved, then loaded like any other)."""
     revision: str | None = None
     variant: str | None = None
     vae: str | None = None
     """Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix."""
+    single_file_config: str | None = None
+    """With a single-file model.pretrained: a diffusers folder or hub id of the same architecture
+    whose configs and tokenizers to use. null: diffusers picks the usual hub repository (needs
+    the network or the Hugging Face cache)."""
+    drop_t5: bool = False
+    """sd3: do not load the T5-XXL encoder (~9 GB in half precision); its tokens are zeros, as in
+    StableDiffusion3Pipeline(text_encoder_3=None)."""
+    t5_max_length: int = 77
+    """sd3: T5 tokens per caption (diffusers' SD3 LoRA script uses 77, the pipeline 256)."""
     cache_dir: str = "~/.cache/sdsweep"
     """Where tiny models and the built-in data set are written."""
 
@@ -111,10 +125,28 @@ class ModelConfig:
 class DataConfig:
     name: str = "builtin"
     path: str | None = None
-    """Image folder with metadata.jsonl or .txt captions; null means the built-in set."""
+    """Image folder with metadata.jsonl, metadata.csv or .txt captions; null (and no
+    data.dataset) means the built-in set."""
+    dataset: str | None = None
+    """A Hugging Face dataset: a hub name (e.g. lambdalabs/naruto-blip-captions) or a folder
+    written by `Dataset.save_to_disk`. Needs the `datasets` package (pip install 'sdsweep[hf]')."""
+    split: str = "train"
+    """Split of data.dataset to train on."""
+    image_column: str = "image"
+    """Image column of data.dataset."""
+    caption_column: str = "text"
+    """Caption column of data.dataset, and of a folder's metadata.jsonl / metadata.csv."""
     resolution: int = 64
+    """Side of the square training image; with buckets, the area every bucket keeps (~resolution^2)."""
     crop: str = "random"
     hflip: bool = True
+    buckets: bool = False
+    """Aspect-ratio bucketing: each image is trained at the bucket (h, w) closest to its own
+    aspect ratio, every batch drawn from one bucket, instead of a square crop."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this (64 for SD/SDXL/SD3; 16 is enough for the tiny models)."""
+    max_aspect: float = 2.0
+    """Longest bucket side / shortest bucket side at most."""
     caption_dropout: float = 0.0
     """Probability of training on the empty prompt instead of the caption."""
     min_size: int = 8
@@ -128,6 +160,15 @@ CLIP_METRICS = ("clip_score", "style", "kid", "content")
 SCORE_KEYS = ("clip_score", "content_cos", "style_centroid_cos", "style_nn_cos", "kid", "gram_distance",
               "color_distance")
 TINY_CLIP = "tiny"
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True
+    """Cache VAE latents and frozen text-encoder outputs on disk, shared by every trial of a
+    sweep that can use them. Never changes what is trained (see sdsweep/cache.py)."""
+    dir: str | None = None
+    """Where the entries live; null: <model.cache_dir>/features."""
 
 
 @dataclass
@@ -170,7 +211,17 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     noise_offset: float = 0.0
     snr_gamma: float | None = None
-    """Min-SNR loss weighting (Hang et al. 2023); 5.0 is the usual value, null disables."""
+    """Min-SNR loss weighting (Hang et al. 2023); 5.0 is the usual value, null disables.
+    DDPM families (sd15, sdxl) only; sd3 uses weighting_scheme."""
+    weighting_scheme: str = "logit_normal"
+    """sd3 flow matching: timestep density and loss weighting (logit_normal, mode, cosmap,
+    sigma_sqrt, none), as diffusers' SD3 training scripts; logit_normal is the SD3 paper's."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    precondition_outputs: bool = True
+    """sd3: train on x0 = noisy - sigma * prediction (EDM preconditioning, the diffusers SD3
+    script's default) instead of the raw velocity target noise - x0."""
     max_grad_norm: float = 1.0
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: never)."""
@@ -226,6 +277,7 @@ class Config:
     data: DataConfig = MISSING
     eval: EvalConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 0
@@ -276,9 +328,12 @@ def validate(cfg: DictConfig | Config) -> None:
         p.append(f"adapter.dropout={a.dropout}: must be in [0, 1)")
     if a.kind in ("lora", "dora"):
         _check_choice(p, "adapter.init", a.init, LORA_INITS)
-    if not cfg.targets.patterns:
+    if cfg.model.family == "sd3" and not cfg.targets.transformer_patterns:
+        p.append(f"targets={cfg.targets.name} lists no transformer_patterns for model.family=sd3: "
+                 "set targets.transformer_patterns")
+    if cfg.model.family != "sd3" and not cfg.targets.patterns:
         p.append(f"targets={cfg.targets.name} lists no patterns: set targets.patterns")
-    for pattern in list(cfg.targets.patterns) + list(t.patterns):
+    for pattern in list(cfg.targets.patterns) + list(cfg.targets.transformer_patterns) + list(t.patterns):
         try:
             re.compile(pattern)
         except re.error as e:
@@ -301,12 +356,27 @@ def validate(cfg: DictConfig | Config) -> None:
         p.append(f"optimizer.warmup_steps={o.warmup_steps}: must be >= 0")
     m = cfg.model
     _check_choice(p, "model.family", m.family, FAMILIES)
+    if m.drop_t5 and m.family != "sd3":
+        p.append(f"model.drop_t5=true applies to model.family=sd3 only (this is {m.family})")
+    if m.t5_max_length < 1:
+        p.append(f"model.t5_max_length={m.t5_max_length}: must be >= 1 (77 or 256)")
+    if m.family == "sd3" and tr.snr_gamma:
+        p.append("train.snr_gamma is min-SNR weighting for DDPM models; sd3 trains with flow matching: "
+                 "set train.snr_gamma=null and choose train.weighting_scheme")
+    _check_choice(p, "train.weighting_scheme", tr.weighting_scheme, WEIGHTING_SCHEMES)
     if not m.build_tiny and not m.pretrained:
         p.append(f"model={m.name} names no weights: set model.pretrained=HUB_ID_OR_FOLDER")
     d = cfg.data
     if d.resolution < 8 or d.resolution % 8:
         p.append(f"data.resolution={d.resolution}: must be a positive multiple of 8 (e.g. 512 or 1024)")
     _check_choice(p, "data.crop", d.crop, CROPS)
+    if d.path and d.dataset:
+        p.append(f"data.path={d.path} and data.dataset={d.dataset} are both set: keep one of them")
+    if d.buckets:
+        if d.bucket_step < 8 or d.bucket_step % 8 or d.bucket_step > d.resolution:
+            p.append(f"data.bucket_step={d.bucket_step}: must be a multiple of 8 no larger than data.resolution")
+        if d.max_aspect < 1.0:
+            p.append(f"data.max_aspect={d.max_aspect}: must be >= 1 (2.0 allows 2:1 and 1:2 buckets)")
     if not 0.0 <= d.caption_dropout <= 1.0:
         p.append(f"data.caption_dropout={d.caption_dropout}: must be in [0, 1]")
     if d.num_workers < 0:

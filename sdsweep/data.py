@@ -1,30 +1,34 @@
-"""Captioned image sets: the built-in set, image folders, safe decoding, transforms.
+"""Captioned image sets: the built-in set, image folders, safe decoding, transforms, buckets.
 
 A folder follows the diffusers / Hugging Face imagefolder convention: `metadata.jsonl` with
-one `{"file_name": ..., "text": ...}` per line, or a `.txt` caption beside each image
-(kohya's convention). Every image is decoded once at set-up; what cannot be used is
-skipped, counted and reported in one warning, not discovered as a crash mid-training.
+one `{"file_name": ..., "text": ...}` per line or `metadata.csv` with the same columns, or a
+`.txt` caption beside each image (kohya's convention). A Hugging Face dataset is exported to
+such a folder once (`hfdata.py`). Every image is decoded once at set-up; what cannot be used
+is skipped, counted and reported in one warning, not discovered as a crash mid-training.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
+from .builtin import ensure_builtin_dataset
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-BUILTIN_VERSION = 1
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail here, not load half grey
 
 
@@ -36,6 +40,9 @@ class DataError(ValueError):
 class Record:
     path: Path
     caption: str
+    width: int = 0
+    """Size of the decoded image (after EXIF rotation), measured by the scan."""
+    height: int = 0
 
 
 @dataclass
@@ -53,84 +60,68 @@ class ScanReport:
         return {"images": len(self.records), "skipped": dict(self.skipped), "examples": dict(self.examples),
                 "truncated_captions": self.truncated_captions}
 
-
-# --- the built-in set -----------------------------------------------------------------------
-
-_SUBJECTS = ["circle", "square", "triangle", "house", "star", "tree"]
-_COLOURS = {"red": (220, 60, 60), "blue": (60, 90, 210), "green": (60, 170, 90), "yellow": (235, 200, 50)}
-
-
-def _draw_builtin(index: int, size: int = 96) -> tuple[Image.Image, str]:
-    """One image of the built-in 'sdsweep style': flat colours, thick outlines, dotted paper."""
-    rng = random.Random(index)
-    subject = _SUBJECTS[index % len(_SUBJECTS)]
-    colour_name = list(_COLOURS)[(index // len(_SUBJECTS) + index) % len(_COLOURS)]
-    colour = _COLOURS[colour_name]
-    img = Image.new("RGB", (size, size), (250, 240, 220))
-    draw = ImageDraw.Draw(img)
-    for y in range(4, size, 8):  # the halftone-dot paper that makes the style recognisable
-        for x in range(4 + (y // 8 % 2) * 4, size, 8):
-            draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=(225, 205, 180))
-    c, r = size // 2 + rng.randint(-8, 8), size // 4 + rng.randint(-4, 6)
-    box = [c - r, c - r, c + r, c + r]
-    outline = dict(fill=colour, outline=(20, 20, 20), width=4)
-    if subject == "circle":
-        draw.ellipse(box, **outline)
-    elif subject == "square":
-        draw.rectangle(box, **outline)
-    elif subject == "triangle":
-        draw.polygon([(c, c - r), (c - r, c + r), (c + r, c + r)], fill=colour, outline=(20, 20, 20), width=4)
-    elif subject == "house":
-        draw.rectangle([c - r, c, c + r, c + r], **outline)
-        draw.polygon([(c - r, c), (c, c - r), (c + r, c)], fill=(120, 60, 40), outline=(20, 20, 20), width=4)
-    elif subject == "star":
-        pts = []
-        for k in range(10):
-            rad = r if k % 2 == 0 else r // 2
-            ang = np.pi / 2 + k * np.pi / 5
-            pts.append((c + rad * np.cos(ang), c - rad * np.sin(ang)))
-        draw.polygon(pts, fill=colour, outline=(20, 20, 20), width=4)
-    else:
-        draw.rectangle([c - 4, c, c + 4, c + r], fill=(120, 80, 40), outline=(20, 20, 20), width=3)
-        draw.ellipse([c - r, c - r, c + r, c + r // 2], **outline)
-    return img, f"a {colour_name} {subject} on dotted paper, sdsweep style"
-
-
-def ensure_builtin_dataset(cache_dir: str, count: int = 12) -> Path:
-    """Write the built-in set (PNG + metadata.jsonl) once; it is then read like any folder."""
-    from .io import atomic_dir
-
-    folder = Path(cache_dir).expanduser() / f"builtin-data-v{BUILTIN_VERSION}"
-    if (folder / "metadata.jsonl").exists():
-        return folder
-    with atomic_dir(folder) as tmp:
-        lines = []
-        for i in range(count):
-            img, caption = _draw_builtin(i)
-            img.save(tmp / f"{i:03d}.png")
-            lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": caption}))
-        (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+    def log_once(self, total: int, folder: Path) -> None:
+        """One warning for all skipped records of a scan, with an example of each reason."""
+        if self.skipped:
+            details = "; ".join(f"{n} {reason} (e.g. {self.examples[reason]})" for reason, n in self.skipped.items())
+            log.warning("data: using %d of %d images in %s; skipped %s", len(self.records), total, folder, details)
 
 
 # --- folders ----------------------------------------------------------------------------------
 
 
-def _captions_from_metadata(folder: Path) -> dict[str, str]:
-    captions = {}
-    with open(folder / "metadata.jsonl", encoding="utf-8") as f:
+EXPORT_REPORT = ".sdsweep-export.json"  # records dropped while exporting a Hugging Face dataset
+
+
+def caption_text(value: Any) -> str:
+    """A caption cell as text: lists (several captions per image) give their first string."""
+    if isinstance(value, (list, tuple)):
+        value = next((v for v in value if isinstance(v, str) and v.strip()), "")
+    return "" if value is None else str(value)
+
+
+def _captions_from_jsonl(path: Path, column: str) -> dict[str, str]:
+    captions, seen_column = {}, False
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                captions[row["file_name"]] = row.get("text") or ""
+                captions[row["file_name"]] = caption_text(row.get(column))
+                seen_column |= column in row
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DataError(
-                    f"{folder / 'metadata.jsonl'} line {lineno} is not a JSON object with "
-                    f'"file_name" and "text" ({e}): fix or remove that line'
+                    f"{path} line {lineno} is not a JSON object with "
+                    f'"file_name" and "{column}" ({e}): fix or remove that line'
                 ) from e
+    if captions and not seen_column:
+        raise DataError(f'{path} has no "{column}" field on any line: set data.caption_column to its caption field')
     return captions
+
+
+def _captions_from_csv(path: Path, column: str) -> dict[str, str]:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a BOM
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        if "file_name" not in fields or column not in fields:
+            raise DataError(
+                f"{path} has columns {fields}: it needs file_name and {column} "
+                "(set data.caption_column to the caption column's name)"
+            )
+        return {row["file_name"]: caption_text(row[column]) for row in reader}
+
+
+def captions_from_metadata(folder: Path, column: str = "text") -> dict[str, str] | None:
+    """file_name -> caption from metadata.jsonl or metadata.csv; None when the folder has neither."""
+    jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
+    if jsonl.exists() and table.exists():
+        raise DataError(f"{folder} has both metadata.jsonl and metadata.csv: keep one of them")
+    if jsonl.exists():
+        return _captions_from_jsonl(jsonl, column)
+    if table.exists():
+        return _captions_from_csv(table, column)
+    return None
 
 
 def decode_image(path: Path) -> Image.Image:
@@ -142,6 +133,7 @@ def decode_image(path: Path) -> Image.Image:
     """
     with Image.open(path) as im:
         im.load()
+        im = ImageOps.exif_transpose(im)  # phone photos store "rotate 90" as a tag, not as pixels
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             arr = np.asarray(im, dtype=np.float64)
             lo, hi = float(arr.min()), float(arr.max())
@@ -156,7 +148,15 @@ def decode_image(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def scan_folder(folder: Path, min_size: int = 8) -> ScanReport:
+def _seed_from_export(folder: Path, report: ScanReport) -> None:
+    """Records dropped while exporting a Hugging Face dataset count as skipped here too."""
+    if (folder / EXPORT_REPORT).exists():
+        dropped = json.loads((folder / EXPORT_REPORT).read_text())
+        report.skipped.update(dropped.get("skipped", {}))
+        report.examples.update(dropped.get("examples", {}))
+
+
+def scan_folder(folder: Path, min_size: int = 8, caption_column: str = "text") -> ScanReport:
     """Find every usable (image, caption) pair in `folder`; count and explain the rest."""
     if not folder.exists():
         raise DataError(f"data.path={folder} does not exist: point data.path at a folder of images")
@@ -167,13 +167,12 @@ def scan_folder(folder: Path, min_size: int = 8) -> ScanReport:
         raise DataError(
             f"data.path={folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add images or fix the path"
         )
-    from_metadata = (folder / "metadata.jsonl").exists()
-    captions = _captions_from_metadata(folder) if from_metadata else {}
+    captions = captions_from_metadata(folder, caption_column)
     report = ScanReport(records=[])
+    _seed_from_export(folder, report)
     for path in images:
-        rel = path.relative_to(folder).as_posix()
-        if from_metadata:
-            caption = captions.get(rel)
+        if captions is not None:
+            caption = captions.get(path.relative_to(folder).as_posix())
         else:
             sidecar = path.with_suffix(".txt")
             caption = sidecar.read_text(encoding="utf-8", errors="replace") if sidecar.exists() else None
@@ -192,17 +191,16 @@ def scan_folder(folder: Path, min_size: int = 8) -> ScanReport:
         if min(img.size) < min_size:
             report.skip("too small", path, f"{img.size[0]}x{img.size[1]} < data.min_size={min_size}")
             continue
-        report.records.append(Record(path, caption))
+        report.records.append(Record(path, caption, img.width, img.height))
     if report.skipped["no caption"] == len(images):
         raise DataError(
             f"data.path={folder} has {len(images)} images but no captions: add metadata.jsonl with one "
-            '{"file_name": "img.png", "text": "a caption"} per line, or a .txt caption beside each image'
+            '{"file_name": "img.png", "text": "a caption"} per line (or metadata.csv with columns '
+            "file_name,text), or a .txt caption beside each image"
         )
     if not report.records:
         raise DataError(f"data.path={folder}: none of the {len(images)} images is usable: {report.summary()}")
-    if report.skipped:
-        details = "; ".join(f"{n} {reason} (e.g. {report.examples[reason]})" for reason, n in report.skipped.items())
-        log.warning("data: using %d of %d images in %s; skipped %s", len(report.records), len(images), folder, details)
+    report.log_once(len(images), folder)
     return report
 
 
@@ -220,48 +218,136 @@ def count_long_captions(records: list[Record], tokenizers: list) -> int:
     return len(long)
 
 
+# --- geometry: resize, crop, flip, buckets -------------------------------------------------------
+
+
+def make_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """(height, width) buckets with sides multiples of `step` and an area of at most resolution^2."""
+    area, buckets = resolution * resolution, {(resolution, resolution)}
+    for width in range(step, int(resolution * max_aspect) + 1, step):
+        height = area // width // step * step
+        if height >= step and max(width, height) / min(width, height) <= max_aspect:
+            buckets.add((height, width))
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log space: 2:1 and 1:2 are as far from 1:1)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - aspect))
+
+
+def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) after resizing so the image covers `target` (h, w) keeping its aspect ratio."""
+    th, tw = target
+    scale = max(tw / width, th / height)
+    return max(tw, round(width * scale)), max(th, round(height * scale))
+
+
+@dataclass(frozen=True)
+class View:
+    """Everything random about one draw of an item: what is cut out of which image, and the caption."""
+
+    index: int
+    target: tuple[int, int]
+    """(height, width) of the training image: (resolution, resolution), or its bucket."""
+    resized: tuple[int, int]
+    """(width, height) of the image after resizing, before cropping."""
+    top: int
+    left: int
+    flip: bool
+    caption: str
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        # SDXL's crop conditioning describes the flipped image: mirror the crop's left edge
+        left = self.resized[0] - self.left - self.target[1] if self.flip else self.left
+        return self.top, left
+
+
 # --- the training set ---------------------------------------------------------------------------
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Images resized and cropped to a square `resolution`, with SDXL's micro-conditioning.
+    """Images resized and cropped to `resolution` (or their bucket), with SDXL's micro-conditioning.
 
     Indexed by (index, draw): `draw` seeds the random crop, flip and caption dropout, so a
     resumed trial sees exactly the batches an uninterrupted one would have seen.
+
+    `latents` and `texts` are set by the feature cache (`cache.py`): an item then carries the
+    cached latent distribution instead of pixels, and/or the cached text-encoder outputs of
+    its caption. What is drawn (the `View`) does not change.
     """
 
     def __init__(self, records: list[Record], cfg: DataConfig):
         self.records, self.cfg = records, cfg
+        res = cfg.resolution
+        if cfg.buckets:
+            buckets = make_buckets(res, cfg.bucket_step, cfg.max_aspect)
+            self.targets = [nearest_bucket(r.width, r.height, buckets) for r in records]
+        else:
+            self.targets = [(res, res)] * len(records)
+        self.latents: Any = None
+        self.texts: Any = None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def view(self, key: tuple[int, int]) -> View:
         index, draw = key
         rng = random.Random(draw)
-        record, res = self.records[index], self.cfg.resolution
-        img = decode_image(record.path)
-        original_size = (img.height, img.width)
-        scale = res / min(img.size)
-        img = img.resize((max(res, round(img.width * scale)), max(res, round(img.height * scale))), Image.BICUBIC)
+        record, target = self.records[index], self.targets[index]
+        resized = cover_size(record.width, record.height, target)
         if self.cfg.crop == "center":
-            top, left = (img.height - res) // 2, (img.width - res) // 2
+            top, left = (resized[1] - target[0]) // 2, (resized[0] - target[1]) // 2
         else:
-            top, left = rng.randint(0, img.height - res), rng.randint(0, img.width - res)
-        resized_width = img.width
-        img = img.crop((left, top, left + res, top + res))
-        if self.cfg.hflip and rng.random() < 0.5:
-            # SDXL's crop conditioning describes the flipped image: mirror the crop's left edge
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            left = resized_width - left - res
+            top, left = rng.randint(0, resized[1] - target[0]), rng.randint(0, resized[0] - target[1])
+        flip = self.cfg.hflip and rng.random() < 0.5
         caption = "" if rng.random() < self.cfg.caption_dropout else record.caption
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-        return {
-            "pixel_values": pixels,
-            "caption": caption,
-            "original_size": torch.tensor(original_size),
-            "crop_top_left": torch.tensor((top, left)),
+        return View(index, target, resized, top, left, flip, caption)
+
+    def fixed_views(self) -> list[View] | None:
+        """Every view training can draw, when there are few: one crop per image (centre crop,
+        or an image that already has its target's shape) times the flips. None when a random
+        crop can cut an image in many places (its latents then cannot be cached exactly)."""
+        views = []
+        for index, (record, target) in enumerate(zip(self.records, self.targets)):
+            resized = cover_size(record.width, record.height, target)
+            if self.cfg.crop == "random" and resized != (target[1], target[0]):
+                return None
+            top, left = (resized[1] - target[0]) // 2, (resized[0] - target[1]) // 2
+            for flip in (False, True) if self.cfg.hflip else (False,):
+                views.append(View(index, target, resized, top, left, flip, record.caption))
+        return views
+
+    def pixels(self, view: View) -> torch.Tensor:
+        """The view's pixels in [-1, 1], (3, h, w)."""
+        record = self.records[view.index]
+        img = decode_image(record.path)
+        if img.size != (record.width, record.height):
+            raise DataError(f"{record.path} changed since the data set was scanned: start the trial again")
+        th, tw = view.target
+        img = img.resize(view.resized, Image.BICUBIC).crop((view.left, view.top, view.left + tw, view.top + th))
+        if view.flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        view = self.view(key)
+        record = self.records[view.index]
+        item = {
+            "caption": view.caption,
+            "original_size": torch.tensor((record.height, record.width)),
+            "crop_top_left": torch.tensor(view.crop_top_left),
+            "target_size": torch.tensor(view.target),
         }
+        if self.latents is not None:
+            item["latent_dist"] = self.latents.load(record, view)
+        else:
+            item["pixel_values"] = self.pixels(view)
+        if self.texts is not None:
+            item["text_features"] = self.texts.load(view.caption)
+        return item
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -283,29 +369,73 @@ class StepSampler(torch.utils.data.Sampler):
                 position += 1
 
 
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Endless batches of (index, draw) keys, each batch from a single bucket.
+
+    Per epoch (seeded by (seed, epoch)): shuffle each bucket, cut it into full batches (a
+    bucket's last batch is filled up with its own first images), shuffle the batches. Every
+    epoch has the same number of batches, so `start` samples in it resumes exactly; draws are
+    numbered by sample position as in `StepSampler`.
+    """
+
+    def __init__(self, targets: list[tuple[int, int]], batch_size: int, seed: int, start: int = 0):
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, target in enumerate(targets):
+            groups[target].append(index)
+        self.groups = [groups[k] for k in sorted(groups)]
+        self.batch_size, self.seed, self.start = batch_size, seed, start
+        self.per_epoch = sum(math.ceil(len(g) / batch_size) for g in self.groups)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        batches = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=gen).tolist()]
+            filled = order + [order[k % len(order)] for k in range(-len(order) % self.batch_size)]
+            batches += [filled[i : i + self.batch_size] for i in range(0, len(filled), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+    def __iter__(self):
+        position = self.start - self.start % self.batch_size
+        epoch, offset = divmod(position // self.batch_size, self.per_epoch)
+        while True:
+            for batch in self.epoch(epoch)[offset:]:
+                yield [(i, self.seed * 1_000_003 + position + k) for k, i in enumerate(batch)]
+                position += self.batch_size
+            epoch, offset = epoch + 1, 0
+
+
 def collate(batch: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
-        "captions": [b["caption"] for b in batch],
-        "original_size": torch.stack([b["original_size"] for b in batch]),
-        "crop_top_left": torch.stack([b["crop_top_left"] for b in batch]),
-    }
+    """Stack every tensor field; captions stay a list of strings."""
+    out: dict = {"captions": [b["caption"] for b in batch]}
+    for key, value in batch[0].items():
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.stack([b[key] for b in batch])
+        elif isinstance(value, dict):
+            out[key] = {k: torch.stack([b[key][k] for b in batch]) for k in value}
+    return out
 
 
 def load_dataset(cfg: DataConfig, cache_dir: str) -> tuple[CaptionedImages, ScanReport]:
-    folder = Path(cfg.path).expanduser() if cfg.path else ensure_builtin_dataset(cache_dir)
-    report = scan_folder(folder, cfg.min_size)
+    """The records of data.dataset, data.path or the built-in set, scanned, as a training set."""
+    if cfg.dataset:
+        from .hfdata import export_dataset
+
+        folder, column = export_dataset(cfg, cache_dir), "text"
+    elif cfg.path:
+        folder, column = Path(cfg.path).expanduser(), cfg.caption_column
+    else:
+        folder, column = ensure_builtin_dataset(cache_dir), "text"
+    report = scan_folder(folder, cfg.min_size, column)
     return CaptionedImages(report.records, cfg), report
 
 
 def make_loader(dataset: CaptionedImages, batch_size: int, seed: int, start_sample: int, num_workers: int):
+    common = dict(collate_fn=collate, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=num_workers > 0)
+    if dataset.cfg.buckets:
+        sampler = BucketBatchSampler(dataset.targets, batch_size, seed, start_sample)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
     return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=StepSampler(len(dataset), seed, start_sample),
-        collate_fn=collate,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        drop_last=True,
+        dataset, batch_size=batch_size, sampler=StepSampler(len(dataset), seed, start_sample), drop_last=True, **common
     )

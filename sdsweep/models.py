@@ -1,7 +1,9 @@
 """Load a model family, freeze it, and place each component's dtype and device.
 
 One loading path for everything: the tiny models are saved as diffusers folders first and
-then go through the same `from_pretrained` calls as a user's SDXL from the hub.
+then go through the same `from_pretrained` calls as a user's SDXL from the hub. A single-file
+checkpoint goes through the family's pipeline `from_single_file` and is then split into the
+same components.
 """
 
 from __future__ import annotations
@@ -22,9 +24,16 @@ class ModelLoadError(RuntimeError):
     """The configured weights could not be loaded; the message says what to set instead."""
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
 @dataclass
 class Components:
-    """Everything a trial needs from the base model."""
+    """Everything a trial needs from the base model.
+
+    `unet` is the denoiser of every family (SD3's MMDiT transformer too), so the training loop
+    is the same for all; `adapters.save_adapter` names it `transformer` in SD3's files.
+    """
 
     family: str
     source: str
@@ -40,6 +49,18 @@ class Components:
         for i, te in enumerate(self.text_encoders):
             named["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = te
         return named
+
+    @property
+    def trainable_text_encoders(self) -> list[torch.nn.Module]:
+        """The encoders text_encoder=lora adapts: the CLIP ones (diffusers' SD3 LoRA format has no T5 slot)."""
+        return self.text_encoders[:2] if self.family == "sd3" else self.text_encoders
+
+
+def pipeline_class(family: str):
+    """The diffusers pipeline of a family (for single files, saving and loading LoRA weights)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
 
 
 def resolve_device(name: str, trial_number: int = 0) -> torch.device:
@@ -60,6 +81,13 @@ def resolve_source(cfg: ModelConfig) -> str:
         return str(ensure_tiny_model(cfg.cache_dir, cfg.family, seed=0))
     assert cfg.pretrained, "validate() guarantees model.pretrained when build_tiny is false"
     path = Path(os.path.expanduser(cfg.pretrained))
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(
+                f"model.pretrained={cfg.pretrained} is a file but not a checkpoint "
+                f"({', '.join(SINGLE_FILE_SUFFIXES)}): point it at a single-file checkpoint or a diffusers folder"
+            )
+        return str(path)
     if path.exists():
         if not (path / "model_index.json").exists():
             raise ModelLoadError(
@@ -67,47 +95,118 @@ def resolve_source(cfg: ModelConfig) -> str:
                 "(no model_index.json): point it at the folder saved by save_pretrained"
             )
         return str(path)
-    if cfg.pretrained.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model.pretrained={cfg.pretrained}: no such folder")
+    if cfg.pretrained.startswith((".", "/", "~")) or cfg.pretrained.lower().endswith(SINGLE_FILE_SUFFIXES):
+        raise ModelLoadError(f"model.pretrained={cfg.pretrained}: no such file or folder")
     return cfg.pretrained
 
 
-def _load(cls, source: str, subfolder: str | None, cfg: ModelConfig | None = None):
+def _load(cls, source: str, subfolder: str | None, cfg: ModelConfig | None = None, config_only: bool = False):
     revision, variant = (cfg.revision, cfg.variant) if cfg else (None, None)
     try:
+        if config_only:  # a scheduler's config, whatever scheduler class wrote it
+            return cls.load_config(source, subfolder=subfolder, revision=revision)
         return cls.from_pretrained(source, subfolder=subfolder, revision=revision, variant=variant)
     except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = (
             "HF_HUB_OFFLINE is set, so only models already in the Hugging Face cache load: "
             f"download it first (`hf download {source}`) or set model.pretrained=/path/to/diffusers/folder"
-            if offline
+            if _offline()
             else f"check the id (model.pretrained={source}), your network and `hf auth login` for gated models, "
             "or set model.pretrained=/path/to/diffusers/folder"
         )
         raise ModelLoadError(f"could not load {subfolder or 'the model'} of {source!r}: {hint}\n  ({type(e).__name__}: {e})") from e
 
 
-def load_components(cfg: ModelConfig) -> Components:
-    """Load tokenizers, text encoders, VAE, UNet and the training noise scheduler (fp32, CPU)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
 
-    source = resolve_source(cfg)
+
+def _text_parts(cfg: ModelConfig, source: str) -> tuple[list, list]:
+    """(tokenizers, text encoders) of the family, from a diffusers folder or hub id."""
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
+
+    first = CLIPTextModelWithProjection if cfg.family == "sd3" else CLIPTextModel
     tokenizers = [_load(CLIPTokenizer, source, "tokenizer", cfg)]
-    text_encoders = [_load(CLIPTextModel, source, "text_encoder", cfg)]
-    if cfg.family == "sdxl":
+    encoders = [_load(first, source, "text_encoder", cfg)]
+    if cfg.family in ("sdxl", "sd3"):
         tokenizers.append(_load(CLIPTokenizer, source, "tokenizer_2", cfg))
-        text_encoders.append(_load(CLIPTextModelWithProjection, source, "text_encoder_2", cfg))
+        encoders.append(_load(CLIPTextModelWithProjection, source, "text_encoder_2", cfg))
+    if cfg.family == "sd3" and not cfg.drop_t5:
+        tokenizers.append(_load(T5Tokenizer, source, "tokenizer_3", cfg))
+        encoders.append(_load(T5EncoderModel, source, "text_encoder_3", cfg))
+    return tokenizers, encoders
+
+
+def _training_scheduler(family: str, config: dict):
+    """The noise scheduler training uses: DDPM's forward process for the UNet families (prediction
+    type, epsilon or v, from the model's own scheduler config, as in the diffusers examples);
+    flow matching for SD3."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    cls = FlowMatchEulerDiscreteScheduler if family == "sd3" else DDPMScheduler
+    return cls.from_config(config)
+
+
+def _from_pretrained(cfg: ModelConfig, source: str) -> Components:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+
+    tokenizers, encoders = _text_parts(cfg, source)
     if cfg.vae:  # a separate VAE, e.g. the fp16-fix one: a hub id or a folder, no subfolder
         vae = _load(AutoencoderKL, os.path.expanduser(cfg.vae), None)
     else:
         vae = _load(AutoencoderKL, source, "vae", cfg)
-    unet = _load(UNet2DConditionModel, source, "unet", cfg)
-    # Training always uses DDPM's forward process; prediction_type (epsilon or v) comes
-    # from the model's own scheduler config, as in the diffusers training examples.
-    noise_scheduler = _load(DDPMScheduler, source, "scheduler", cfg)
-    components = Components(cfg.family, source, unet, vae, text_encoders, tokenizers, noise_scheduler)
+    if cfg.family == "sd3":
+        denoiser = _load(SD3Transformer2DModel, source, "transformer", cfg)
+    else:
+        denoiser = _load(UNet2DConditionModel, source, "unet", cfg)
+    from diffusers import DDPMScheduler
+
+    scheduler_config = _load(DDPMScheduler, source, "scheduler", cfg, config_only=True)
+    return Components(cfg.family, source, denoiser, vae, encoders, tokenizers,
+                      _training_scheduler(cfg.family, scheduler_config))
+
+
+def _from_single_file(cfg: ModelConfig, source: str) -> Components:
+    """A single-file checkpoint through the family pipeline's from_single_file, then split up."""
+    from diffusers import AutoencoderKL
+
+    kwargs: dict = {}
+    if cfg.single_file_config:
+        kwargs["config"] = os.path.expanduser(cfg.single_file_config)
+    if cfg.vae:
+        kwargs["vae"] = _load(AutoencoderKL, os.path.expanduser(cfg.vae), None)
+    if cfg.family == "sd3" and cfg.drop_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    try:
+        pipe = pipeline_class(cfg.family).from_single_file(source, **kwargs)
+    except Exception as e:  # diffusers raises many types: missing configs, unknown layouts, offline
+        where = ("a local diffusers folder of the same architecture" if _offline()
+                 else "a diffusers folder or hub id of the same architecture")
+        raise ModelLoadError(
+            f"could not load model.pretrained={source} as a model.family={cfg.family} single-file checkpoint: "
+            f"set model.single_file_config to {where} (its configs and tokenizers are used), check "
+            f"model.family, or convert the checkpoint to a diffusers folder\n  ({type(e).__name__}: {e})"
+        ) from e
+    encoders = [pipe.text_encoder] + [getattr(pipe, n) for n in ("text_encoder_2", "text_encoder_3")
+                                      if getattr(pipe, n, None) is not None]
+    tokenizers = [pipe.tokenizer] + [getattr(pipe, n) for n in ("tokenizer_2", "tokenizer_3")
+                                     if getattr(pipe, n, None) is not None]
+    denoiser = pipe.transformer if cfg.family == "sd3" else pipe.unet
+    return Components(cfg.family, source, denoiser, pipe.vae, encoders, tokenizers,
+                      _training_scheduler(cfg.family, dict(pipe.scheduler.config)))
+
+
+def load_components(cfg: ModelConfig) -> Components:
+    """Load tokenizers, text encoders, VAE, denoiser and the training noise scheduler (fp32, CPU)."""
+    source = resolve_source(cfg)
+    components = _from_single_file(cfg, source) if Path(source).is_file() else _from_pretrained(cfg, source)
+    components.extra["t5_max_length"] = cfg.t5_max_length
     for module in components.modules().values():
         module.requires_grad_(False)
         module.eval()
@@ -165,4 +264,6 @@ def place(components: Components, precision: PrecisionConfig, device: torch.devi
         components.unet.to(device, dtype=base)
     components.vae.to(device, dtype=DTYPES[precision.vae_dtype])
     for te in components.text_encoders:
-        te.to(device, dtype=base)
+        # T5's activations overflow fp16 (it was trained in bf16): never store it in fp16
+        t5 = type(te).__name__.startswith("T5")
+        te.to(device, dtype=torch.bfloat16 if t5 and base == torch.float16 else base)

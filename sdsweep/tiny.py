@@ -1,12 +1,14 @@
 """Tiny models of the real architectures, built in code with random weights.
 
 They are saved as ordinary diffusers pipeline folders (`save_pretrained`) and then loaded
-by `models.load_components` through exactly the `from_pretrained` calls that load SDXL or
-SD1.5 for a user, so the tests cover the real loading path without a network.
+by `models.load_components` through exactly the `from_pretrained` calls that load SDXL,
+SD1.5 or SD3 for a user, so the tests cover the real loading path without a network.
 
-The tokenizers are real CLIP BPE tokenizers: the vocabulary and merges come from the
+The CLIP tokenizers are real CLIP BPE tokenizers: the vocabulary and merges come from the
 `bpe_simple_vocab_16e6.txt.gz` that ships inside open_clip_torch (the file OpenAI's CLIP
 tokenizer is built from), so captions are tokenized exactly as SDXL's tokenizers would.
+SD3's T5 tokenizer is a small unigram vocabulary of our own (words, then single characters,
+so any caption tokenizes) in the same T5Tokenizer class the real one loads as.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ TINY_VERSION = 1  # bump when an architecture below changes, so cached folders a
 TEXT_HIDDEN = 32
 TEXT_PROJECTION = 32
 TIME_EMBED_DIM = 8
+T5_DIM = 64  # SD3's joint attention width: the T5 width, >= the two CLIP widths together
+
+_T5_WORDS = (
+    "a an the of on in at by to with and or is are for from this that photo picture painting drawing "
+    "illustration portrait person people man woman girl boy child face eyes hair hand house home building "
+    "lake river sea sky cloud sun moon star tree forest flower grass mountain road city street car cat dog "
+    "bird horse circle square triangle shape red blue green yellow orange purple pink black white grey brown "
+    "dotted paper background style art anime cartoon sitting standing holding wearing looking big small "
+    "dark light bright old young sdsweep"
+).split()
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -137,6 +149,89 @@ def _unet(seed: int, family: str):
     return UNet2DConditionModel(**common, attention_head_dim=8, cross_attention_dim=TEXT_HIDDEN)
 
 
+def save_t5_tokenizer(folder: Path) -> None:
+    """A tiny T5 (unigram) tokenizer: common words, then single characters as the fallback."""
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.;:!?'\"-()"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -5.0) for w in _T5_WORDS]
+    vocab += [(c, -10.0) for c in chars] + [("\u2581" + c, -10.0) for c in chars]
+    T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512).save_pretrained(folder)
+
+
+def _t5_encoder(seed: int, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    # T5 v1.1 (gated-GELU), the variant SD3's T5-XXL is
+    config = T5Config(vocab_size=vocab_size, d_model=T5_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                      use_cache=False, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(config)
+
+
+def _sd3_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # SD3's VAE: 16 latent channels, a shift as well as a scale, no quant convolutions
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=16,
+        sample_size=64,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _sd3_transformer(seed: int):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=T5_DIM,
+        caption_projection_dim=32,  # = heads x head_dim, as in SD3
+        pooled_projection_dim=2 * TEXT_PROJECTION,  # CLIP-L and CLIP-G pooled, concatenated
+        pos_embed_max_size=16,  # up to 16x16 patches: 256 px with buckets
+    )
+
+
+def _sd3_pipeline(tmp: Path, seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    save_clip_tokenizer(tmp / "tok2", pad_token="!")  # CLIP-G pads with "!", as in SDXL
+    save_t5_tokenizer(tmp / "tok3")
+    tokenizer_3 = T5Tokenizer.from_pretrained(tmp / "tok3")
+    return StableDiffusion3Pipeline(
+        transformer=_sd3_transformer(seed + 3),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3 Medium's
+        vae=_sd3_vae(seed),
+        text_encoder=_text_encoder(seed + 1, with_projection=True),
+        tokenizer=CLIPTokenizer.from_pretrained(tmp / "tok"),
+        text_encoder_2=_text_encoder(seed + 2, with_projection=True),
+        tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tok2"),
+        text_encoder_3=_t5_encoder(seed + 4, len(tokenizer_3)),
+        tokenizer_3=tokenizer_3,
+    )
+
+
 def _scheduler():
     from diffusers import EulerDiscreteScheduler
 
@@ -171,6 +266,8 @@ def build_tiny_pipeline(folder: Path, family: str, seed: int = 0) -> None:
                 unet=_unet(seed + 3, "sdxl"),
                 scheduler=_scheduler(),
             )
+        elif family == "sd3":
+            pipe = _sd3_pipeline(Path(tmp), seed)
         elif family == "sd15":
             pipe = StableDiffusionPipeline(
                 vae=_vae(seed),

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from . import adapters, models
+from . import adapters, cache, models, objectives
 from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from .conditioning import encode_text, prompt_embeddings, sdxl_time_ids
 from .config import ConfigError, validate
 from .data import count_long_captions, load_dataset, make_loader
 from .io import atomic_write_json
@@ -82,16 +82,25 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     components = models.load_components(cfg.model)
     report.truncated_captions = count_long_captions(dataset.records, components.tokenizers)
     models.place(components, cfg.precision, device)
+    mp = cfg.precision.mixed_precision
+    autocast_dtype = None if mp == "no" else models.DTYPES[mp]
+    # before any adapter is attached: the cache keys hash the frozen modules as loaded
+    data_report = report.summary()
+    data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
 
-    adapters.attach(components.unet, cfg.adapter, list(cfg.targets.patterns), "unet")
-    if cfg.text_encoder.train:
-        for i, te in enumerate(components.text_encoders):
-            adapters.attach(te, cfg.adapter, list(cfg.text_encoder.patterns), f"text encoder {i + 1}")
+    # adapter initialisation depends on the seed alone, not on what set-up drew before it
+    # (filling the cache or not must not change the trial)
+    torch.manual_seed(cfg.seed)
+    denoiser = "transformer" if components.family == "sd3" else "unet"
+    adapters.attach(components.unet, cfg.adapter, adapters.denoiser_patterns(cfg.targets, components.family), denoiser)
+    trained_encoders = components.trainable_text_encoders if cfg.text_encoder.train else []
+    for i, te in enumerate(trained_encoders):
+        adapters.attach(te, cfg.adapter, list(cfg.text_encoder.patterns), f"text encoder {i + 1}")
+        te.train()  # adapter dropout acts only in training mode (the frozen CLIP has no dropout of its own)
     if cfg.train.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-        if cfg.text_encoder.train:
-            for te in components.text_encoders:
-                te.gradient_checkpointing_enable()
+        for te in trained_encoders:
+            te.gradient_checkpointing_enable()
     components.unet.train()
 
     trainable = {
@@ -102,8 +111,8 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     }
     te_lr = cfg.text_encoder.lr or cfg.train.lr
     groups = [{"params": adapters.trainable_parameters(components.unet), "lr": cfg.train.lr}]
-    if cfg.text_encoder.train:
-        te_params = [p for te in components.text_encoders for p in adapters.trainable_parameters(te)]
+    if trained_encoders:
+        te_params = [p for te in trained_encoders for p in adapters.trainable_parameters(te)]
         groups.append({"params": te_params, "lr": te_lr})
     optimizer = build_optimizer(cfg, groups, device)
     scheduler = get_scheduler(
@@ -115,74 +124,67 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     # Mixed precision is autocast + GradScaler from torch.amp rather than accelerate's, because
     # accelerate silently turns fp16 off on a CPU, and precision=fp16 must mean fp16 everywhere.
     # accelerate still owns device placement, multi-GPU (DDP) and gradient-accumulation syncs.
-    mp = cfg.precision.mixed_precision
-    autocast_dtype = None if mp == "no" else models.DTYPES[mp]
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")
     accelerator = Accelerator(cpu=device.type == "cpu")
     components.unet, optimizer = accelerator.prepare(components.unet, optimizer)
     # run_trial replaces this meter with one started before set-up, so the peak covers loading too
-    return Setup(components, device, dataset, report.summary(), trainable, optimizer, scheduler, scaler,
+    return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler,
                  accelerator, autocast_dtype, MemoryMeter(device))
 
 
 # --- one step's loss ----------------------------------------------------------------------------
 
 
-def encode_text(components: models.Components, captions: list[str], device: torch.device):
-    """Per-token embeddings (and SDXL's pooled embedding) as the diffusers examples compute them."""
-    hidden, pooled = [], None
-    for tokenizer, te in zip(components.tokenizers, components.text_encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        out = te(ids, output_hidden_states=True)
-        if components.family == "sdxl":
-            hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
-            pooled = out[0] if out[0].ndim == 2 else pooled  # text_embeds of the projection encoder
+def latents_of(s: Setup, batch: dict) -> torch.Tensor:
+    """Scaled latents of the batch: sampled from its cached latent distribution, or encoded now.
+
+    Either way one `DiagonalGaussianDistribution.sample()`: the same random draw, the same latents.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    vae = s.components.vae
+    with torch.no_grad():
+        if "latent_dist" in batch:
+            params = batch["latent_dist"].to(s.device)
         else:
-            hidden.append(out.last_hidden_state)
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def sdxl_time_ids(batch: dict, resolution: int, device: torch.device) -> torch.Tensor:
-    """SDXL micro-conditioning: original size, crop top-left, target size (each (h, w))."""
-    target = torch.tensor([resolution, resolution]).expand(batch["original_size"].shape[0], 2)
-    return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).to(device, torch.float32)
+            pixels = batch["pixel_values"].to(s.device, dtype=next(vae.parameters()).dtype)
+            params = vae.encode(pixels).latent_dist.parameters
+        latents = DiagonalGaussianDistribution(params).sample()
+        if getattr(vae.config, "shift_factor", None) is not None:
+            latents = latents - vae.config.shift_factor
+        # the fp32 VAE's latents join the half-precision UNet via autocast. Contiguous: the VAE
+        # can return a channels-last layout, and randn_like(latents) follows the layout, so the
+        # same seed would give other noise for encoded and for cached latents
+        return (latents * vae.config.scaling_factor).float().contiguous()
 
 
 def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
+    """The family's training loss on one batch: DDPM (sd15, sdxl) or flow matching (sd3)."""
     comps, device = s.components, s.device
-    scheduler = comps.noise_scheduler
-    with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, dtype=next(comps.vae.parameters()).dtype)
-        latents = comps.vae.encode(pixels).latent_dist.sample() * comps.vae.config.scaling_factor
-        latents = latents.float()  # the fp32 VAE's latents join the half-precision UNet via autocast
+    latents = latents_of(s, batch)
     with torch.autocast(device.type, dtype=s.autocast_dtype or torch.float32, enabled=s.autocast_dtype is not None):
-        with torch.set_grad_enabled(cfg.text_encoder.train):
-            embeds, pooled = encode_text(comps, batch["captions"], device)
-        noise = torch.randn_like(latents)
-        if cfg.train.noise_offset:
-            # offset noise (Guttenberg 2023) lets the model shift the mean brightness
-            noise += cfg.train.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        added = None
-        if comps.family == "sdxl":
-            added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, cfg.data.resolution, device)}
-        pred = comps.unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.train.snr_gamma:
-        from diffusers.training_utils import compute_snr
+        if "text_features" in batch:  # cached outputs of the frozen text encoders
+            parts = {k: v.to(device) for k, v in batch["text_features"].items()}
+        else:
+            with torch.set_grad_enabled(cfg.text_encoder.train):
+                parts = encode_text(comps, batch["captions"], device)
+        embeds, pooled = prompt_embeddings(comps, parts)
+        if comps.family == "sd3":
 
-        # min-SNR-gamma weighting (Hang et al. 2023), as in the diffusers examples
-        snr = compute_snr(scheduler, timesteps)
-        weight = torch.clamp(snr, max=cfg.train.snr_gamma) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=cfg.train.snr_gamma) / (snr + 1)
-        loss = loss * weight
+            def denoise(noisy, timesteps):
+                return comps.unet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
+                                  pooled_projections=pooled).sample
+
+            loss = objectives.flow_matching_loss(denoise, comps.noise_scheduler, cfg.train, latents)
+        else:
+            added = None
+            if comps.family == "sdxl":
+                added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, device)}
+
+            def denoise(noisy, timesteps):
+                return comps.unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
+
+            loss = objectives.ddpm_loss(denoise, comps.noise_scheduler, cfg.train, latents)
     return loss.mean()
 
 

@@ -27,3 +27,28 @@ def write_folder(folder: Path, n: int = 4, captions: str = "jsonl", size=(40, 48
 def run_cli(args: list[str], env: dict, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sdsweep", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def write_bad_records(folder: Path) -> dict[str, int]:
+    """One image of each bad kind beside two good ones (.txt captions); returns the expected skip counts."""
+    import io
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def image(name: str, img: Image.Image, caption: str | None = "a fine caption", **save) -> None:
+        img.save(folder / name, **save)
+        if caption is not None:
+            (folder / name).with_suffix(".txt").write_text(caption)
+
+    image("good0.png", Image.new("RGB", (40, 40), (10, 200, 30)))
+    image("good1.png", Image.new("RGB", (40, 40), (200, 10, 30)))
+    image("empty_caption.png", Image.new("RGB", (40, 40)), caption="  \n ")
+    image("no_caption.png", Image.new("RGB", (40, 40)), caption=None)
+    image("tiny.png", Image.new("RGB", (4, 4)))
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(buf, format="JPEG", quality=90)
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # opens, fails on decode
+    (folder / "truncated.txt").write_text("a fine caption")
+    (folder / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "garbage.txt").write_text("a fine caption")
+    return {"empty caption": 1, "no caption": 1, "too small": 1, "unreadable image": 2}

@@ -16,7 +16,7 @@ def _sample(pipe, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
-@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd15"])
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd15", "tiny-sd3"])
 def test_lora_and_dora_load_into_the_diffusers_pipeline_and_change_its_output(make_cfg, tmp_path, kind, model):
     from diffusers import DiffusionPipeline
 
@@ -29,8 +29,16 @@ def test_lora_and_dora_load_into_the_diffusers_pipeline_and_change_its_output(ma
     assert (before - after).abs().max() > 1e-3
     # the text encoders' adapters came along too
     assert getattr(pipe.text_encoder, "_hf_peft_config_loaded", False)
+    denoiser = pipe.transformer if model == "tiny-sd3" else pipe.unet
+    # every layer the trial adapted came back, not just enough of them to change the image
+    from peft.tuners.lora import LoraLayer
+
+    family = cfg.model.family
+    fresh = models.load_components(cfg.model).unet
+    trained = set(adapters.resolve_targets(fresh, adapters.denoiser_patterns(cfg.targets, family), "denoiser"))
+    assert {n for n, m in denoiser.named_modules() if isinstance(m, LoraLayer)} == trained
     if kind == "dora":
-        assert any("lora_magnitude_vector" in n for n, _ in pipe.unet.named_parameters())
+        assert any("lora_magnitude_vector" in n for n, _ in denoiser.named_parameters())
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
