@@ -72,6 +72,8 @@ def build_pipeline(components):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     unet = extract_model_from_parallel(components.unet)
+    if components.family == "sd3":
+        return _sd3_pipeline(components, unet)
     scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
     if components.family == "sdxl":
         pipe = StableDiffusionXLPipeline(
@@ -89,8 +91,28 @@ def build_pipeline(components):
     return pipe
 
 
+def _sd3_pipeline(components, transformer):
+    """SD3: the MMDiT transformer, three text encoders (T5 absent with model.drop_t5), flow matching."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    tes, toks = components.text_encoders, components.tokenizers
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=components.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.noise_scheduler.config),
+        text_encoder=tes[0], tokenizer=toks[0], text_encoder_2=tes[1], tokenizer_2=toks[1],
+        text_encoder_3=tes[2] if len(tes) > 2 else None, tokenizer_3=toks[2] if len(toks) > 2 else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _denoiser(pipe) -> torch.nn.Module:
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
 def _denoisers(pipe) -> dict[str, torch.nn.Module]:
-    named = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    """The modules an adapter may be attached to, under the names adapters.save_adapter uses."""
+    named = {"unet": _denoiser(pipe), "text_encoder": pipe.text_encoder}
     if getattr(pipe, "text_encoder_2", None) is not None:
         named["text_encoder_2"] = pipe.text_encoder_2
     return named
@@ -112,7 +134,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], e: DictConfig, autocast
     starts from the same noise in every trial and in the base model, on any device."""
     for module in _denoisers(pipe).values():
         module.eval()
-    device = pipe.unet.device
+    device = _denoiser(pipe).device
     samples = []
     for i, prompt in enumerate(prompts):
         for seed in seeds:
@@ -135,7 +157,8 @@ def decode(pipe, latents: torch.Tensor) -> Image.Image:
         latents = latents * torch.tensor(std).view(view).to(latents) / vae.config.scaling_factor
         latents = latents + torch.tensor(mean).view(view).to(latents)
     else:
-        latents = latents / vae.config.scaling_factor
+        # SD3's VAE also shifts its latents (shift_factor); SD1.5/SDXL's have none
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     image = vae.decode(latents, return_dict=False)[0]
     return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
@@ -301,7 +324,7 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
         components = models.load_components(cfg.model)
         models.place(components, cfg.precision, models.resolve_device(cfg.device))
     pipe = build_pipeline(components)
-    device = pipe.unet.device
+    device = _denoiser(pipe).device
     mp = cfg.precision.mixed_precision
     autocast_dtype = None if mp == "no" else models.DTYPES[mp]
     scorer = Scorer(cfg, device)  # before sampling: a CLIP model that cannot load fails in seconds

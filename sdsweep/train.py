@@ -27,7 +27,6 @@ from .config import ConfigError, validate
 from .data import count_long_captions, load_dataset, make_loader
 from .io import atomic_write_json
 from .meters import MemoryMeter, SpeedMeter
-from .sampling import sample
 from .sweep import config_fingerprint, finished_result, prune_reason
 from .tracking import Tracker, finish_profiler, make_profiler, make_tracker
 
@@ -304,11 +303,17 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
 
 def validate_images(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker, step: int) -> None:
     """Fixed prompts and seeds (the eval group's), so a grid cell compares across trials and time."""
-    e = cfg.eval
-    images = sample(s.components, s.accelerator.unwrap_model(s.components.unet), list(e.prompts), list(e.seeds),
-                    e.steps, e.guidance_scale, e.resolution, s.autocast_dtype,
-                    out_dir=trial_dir / "validation" / f"step-{step:06d}")
-    tracker.log_images("validation", [(f"{p} (seed {sd})", img) for p, sd, img in images], step)
+    from .evaluate import build_pipeline, generate, read_prompts
+
+    pipe = build_pipeline(s.components)  # shares the trial's modules, adapters included
+    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, s.autocast_dtype)
+    for module in s.components.modules().values():  # generate() put them in eval mode
+        module.train(any(p.requires_grad for p in module.parameters()))
+    out = trial_dir / "validation" / f"step-{step:06d}"
+    out.mkdir(parents=True, exist_ok=True)
+    for sample in samples:
+        sample.image.save(out / sample.file)
+    tracker.log_images("validation", [(f"{x.prompt} (seed {x.seed})", x.image) for x in samples], step)
 
 
 # --- the trial ----------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_validation_images_at_the_interval_and_the_end(make_cfg, tmp_path):
     run_trial(make_cfg("tracking.validation_every=2", "eval.seeds=[0,1]", steps=3), tmp_path)
     for step in ("step-000002", "step-000003"):
         names = sorted(p.name for p in (tmp_path / "validation" / step).glob("*.png"))
-        assert len(names) == 4 and "a-portrait-of-a-person-sdsweep-style_seed1.png" in names
+        assert len(names) == 4 and "00_a-portrait-of-a-person-sdsweep-style_seed1.png" in names
 
 
 def test_profiler_trace_is_saved(make_cfg, tmp_path):
