@@ -126,19 +126,17 @@ def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.
 
 
 def _save_diffusers_lora(folder: Path, family: str, adapted: dict[str, torch.nn.Module]) -> None:
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     from .models import pipeline_class
 
     kwargs = {}
     for name, module in adapted.items():
+        # peft's key names, which every diffusers LoRA loader reads. convert_state_dict_to_diffusers
+        # would rename only the attention keys (lora.down/up) and leave conv keys as lora_A/B: a
+        # mix the SD/SDXL loader half-reads with only a warning (targets=many lost its attention
+        # layers), and SD3's loader does not read the old names at all.
         layers = get_peft_model_state_dict(module)
-        if family != "sd3":
-            # the SD/SDXL loaders expect diffusers' key names (as the SDXL LoRA script saves them);
-            # SD3's loader reads peft's names, and the conversion would rename its to_q/to_k/to_v/
-            # to_out layers to the old attention-processor names it no longer loads
-            layers = convert_state_dict_to_diffusers(layers)
         kwargs[f"{name}_lora_layers"] = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     pipeline_class(family).save_lora_weights(folder, weight_name=LORA_WEIGHTS, **kwargs)

@@ -52,3 +52,18 @@ def test_loha_and_lokr_are_saved_in_peft_format_and_load_back(make_cfg, tmp_path
     before = _sample(pipe)
     adapters.load_adapter(tmp_path / "adapter", {"unet": pipe.unet})
     assert (before - _sample(pipe)).abs().max() > 1e-3
+
+
+def test_dora_on_many_layers_loads_every_layer_into_the_pipeline(make_cfg, tmp_path):
+    """Attention and convolution adapters in one file: diffusers must load all of them."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    cfg = make_cfg("adapter=dora", "targets=many", steps=1)
+    assert run_trial(cfg, tmp_path)["status"] == "finished"
+    with safe_open(tmp_path / "adapter" / "pytorch_lora_weights.safetensors", "pt") as f:
+        saved = {k for k in f.keys() if ".lora_A." in k}
+    pipe = StableDiffusionXLPipeline.from_pretrained(models.resolve_source(cfg.model))
+    pipe.load_lora_weights(tmp_path / "adapter")
+    loaded = {n for n, _ in pipe.unet.named_parameters() if ".lora_A." in n}
+    assert len(loaded) == len(saved) > 0
