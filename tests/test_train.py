@@ -54,7 +54,8 @@ def test_quantized_base_without_cuda_fails_with_a_clear_message(make_cfg, tmp_pa
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the GPU path is covered by test_quantized_base_trains_on_gpu")
     metrics = run_trial(make_cfg(f"precision={option}"), tmp_path)
-    assert metrics["status"] == "failed"
+    # refused before anything loads: the sweep's pruning (sweep.prune_reason) records the reason
+    assert metrics["status"] == "pruned"
     assert "needs a CUDA GPU" in metrics["reason"] and "precision=fp16" in metrics["reason"]
 
 
@@ -178,3 +179,9 @@ def test_an_unknown_model_offline_fails_saying_how_to_get_it(make_cfg, tmp_path)
     metrics = run_trial(make_cfg("model=sdxl", "model.pretrained=nobody/no-such-model"), tmp_path)
     assert metrics["status"] == "failed"
     assert "ModelLoadError" in metrics["reason"] and "model.pretrained=/path/to/diffusers/folder" in metrics["reason"]
+
+
+def test_prodigy_trains_the_text_encoders_at_its_own_single_lr(make_cfg, tmp_path):
+    """Prodigy refuses per-group learning rates: text_encoder.lr gives way to train.lr (its multiplier)."""
+    metrics = run_trial(make_cfg("optimizer=prodigy", "text_encoder=lora", steps=1), tmp_path)
+    assert metrics["status"] == "finished", metrics.get("reason")
