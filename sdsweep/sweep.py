@@ -45,6 +45,7 @@ def config_fingerprint(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     data.pop("tracking", None)  # where a trial is logged does not change what it trained
+    data.pop("cache", None)  # nor whether its latents/text came from the feature cache (see cache.py)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

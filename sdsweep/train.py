@@ -109,6 +109,12 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
         if p.requires_grad
     }
     te_lr = cfg.text_encoder.lr or cfg.train.lr
+    if trained_encoders and cfg.optimizer.name == "prodigy" and te_lr != cfg.train.lr:
+        # Prodigy estimates one step size for all groups and refuses different lrs (as diffusers'
+        # scripts do, the text encoders then use train.lr, which is Prodigy's multiplier)
+        log.warning("optimizer=prodigy: text_encoder.lr=%s is ignored; the text encoders use train.lr=%s",
+                    te_lr, cfg.train.lr)
+        te_lr = cfg.train.lr
     groups = [{"params": adapters.trainable_parameters(components.unet), "lr": cfg.train.lr}]
     if trained_encoders:
         te_params = [p for te in trained_encoders for p in adapters.trainable_parameters(te)]

@@ -13,6 +13,12 @@ from sdsweep.train import run_trial
 
 
 @pytest.fixture
+def make_cfg(make_cfg):
+    """Training only: evaluation has its own tests (test_evaluate.py), and costs seconds per trial."""
+    return lambda *overrides, **kwargs: make_cfg("eval.enabled=false", *overrides, **kwargs)
+
+
+@pytest.fixture
 def vae_calls(monkeypatch):
     """Counts calls of the VAE encoder (every AutoencoderKL)."""
     from diffusers import AutoencoderKL

@@ -27,6 +27,12 @@ from sdsweep.data import (
 from sdsweep.train import run_trial, sdxl_time_ids
 
 
+@pytest.fixture
+def make_cfg(make_cfg):
+    """Training only: evaluation has its own tests (test_evaluate.py), and costs seconds per trial."""
+    return lambda *overrides, **kwargs: make_cfg("eval.enabled=false", *overrides, **kwargs)
+
+
 def test_builtin_set_is_deterministic_and_captioned(tmp_path):
     a = scan_folder(ensure_builtin_dataset(str(tmp_path / "a")))
     b = scan_folder(ensure_builtin_dataset(str(tmp_path / "b")))

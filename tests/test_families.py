@@ -15,6 +15,12 @@ from sdsweep.config import ConfigError, TrainConfig, validate
 from sdsweep.objectives import ddpm_loss, flow_matching_loss
 from sdsweep.train import run_trial
 
+
+@pytest.fixture
+def make_cfg(make_cfg):
+    """Training only: evaluation has its own tests (test_evaluate.py), and costs seconds per trial."""
+    return lambda *overrides, **kwargs: make_cfg("eval.enabled=false", *overrides, **kwargs)
+
 FAMILY_OF = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
 
 

@@ -13,6 +13,12 @@ from sdsweep.data import DataError, load_dataset
 from sdsweep.train import run_trial
 
 
+@pytest.fixture
+def make_cfg(make_cfg):
+    """Training only: evaluation has its own tests (test_evaluate.py), and costs seconds per trial."""
+    return lambda *overrides, **kwargs: make_cfg("eval.enabled=false", *overrides, **kwargs)
+
+
 def _png(colour, size=(40, 40)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format="PNG")

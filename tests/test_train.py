@@ -178,3 +178,9 @@ def test_an_unknown_model_offline_fails_saying_how_to_get_it(make_cfg, tmp_path)
     metrics = run_trial(make_cfg("model=sdxl", "model.pretrained=nobody/no-such-model"), tmp_path)
     assert metrics["status"] == "failed"
     assert "ModelLoadError" in metrics["reason"] and "model.pretrained=/path/to/diffusers/folder" in metrics["reason"]
+
+
+def test_prodigy_trains_the_text_encoders_at_its_own_single_lr(make_cfg, tmp_path):
+    """Prodigy refuses per-group learning rates: text_encoder.lr gives way to train.lr (its multiplier)."""
+    metrics = run_trial(make_cfg("optimizer=prodigy", "text_encoder=lora", steps=1), tmp_path)
+    assert metrics["status"] == "finished", metrics.get("reason")
