@@ -100,11 +100,12 @@ def _text_encoder(seed: int, with_projection: bool):
     return cls(config)
 
 
-def _vae(seed: int):
+def _vae(seed: int, **family_config):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    # Four levels like the real VAE, so latents are 1/8 of the image side as in SD/SDXL.
+    # Four levels like the real VAE, so latents are 1/8 of the image side as in SD/SDXL/SD3.
+    config = dict(latent_channels=4, scaling_factor=0.13025) | family_config
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -113,9 +114,8 @@ def _vae(seed: int):
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
         norm_num_groups=4,
-        latent_channels=4,
         sample_size=64,
-        scaling_factor=0.13025,
+        **config,
     )
 
 
@@ -172,25 +172,9 @@ def _t5_encoder(seed: int, vocab_size: int):
 
 
 def _sd3_vae(seed: int):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
     # SD3's VAE: 16 latent channels, a shift as well as a scale, no quant convolutions
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=16,
-        sample_size=64,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return _vae(seed, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False)
 
 
 def _sd3_transformer(seed: int):
