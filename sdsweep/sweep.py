@@ -46,6 +46,7 @@ def config_fingerprint(cfg: DictConfig) -> str:
     assert isinstance(data, dict)
     data.pop("tracking", None)  # where a trial is logged does not change what it trained
     data.pop("cache", None)  # nor whether its latents/text came from the feature cache (see cache.py)
+    data.pop("sweep", None)  # nor how the sweep scheduled it (kept base, budget, early stopping)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
