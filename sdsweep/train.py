@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import adapters, cache, models, objectives
+from . import adapters, cache, kept_base, models, objectives
 from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .conditioning import encode_text, prompt_embeddings, sdxl_time_ids
 from .config import ConfigError, validate
@@ -50,6 +50,8 @@ class Setup:
     accelerator: object
     autocast_dtype: torch.dtype | None
     memory: MemoryMeter
+    timings: dict
+    """Seconds spent reading data, loading the base (0 when kept from the last trial), filling the cache."""
 
 
 # --- set-up -----------------------------------------------------------------------------------
@@ -75,17 +77,24 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     from diffusers.optimization import get_scheduler
 
     device = models.resolve_device(cfg.device, trial_number)
+    if device.type == "cuda" and device.index is not None:
+        # accelerate places models on the *current* CUDA device: make it this trial's GPU
+        torch.cuda.set_device(device)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
     torch.manual_seed(cfg.seed)
     # data first: a folder without captions should fail in a second, not after loading SDXL
     dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
-    components = models.load_components(cfg.model)
+    timings["data_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    components, reused = kept_base.acquire(cfg, device)
+    timings["load_s"], clock = time.perf_counter() - clock, time.perf_counter()
     report.truncated_captions = count_long_captions(dataset.records, components.tokenizers)
-    models.place(components, cfg.precision, device)
     mp = cfg.precision.mixed_precision
     autocast_dtype = None if mp == "no" else models.DTYPES[mp]
     # before any adapter is attached: the cache keys hash the frozen modules as loaded
     data_report = report.summary()
     data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
+    timings["cache_s"] = time.perf_counter() - clock
 
     # adapter initialisation depends on the seed alone, not on what set-up drew before it
     # (filling the cache or not must not change the trial)
@@ -134,7 +143,7 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     components.unet, optimizer = accelerator.prepare(components.unet, optimizer)
     # run_trial replaces this meter with one started before set-up, so the peak covers loading too
     return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler,
-                 accelerator, autocast_dtype, MemoryMeter(device))
+                 accelerator, autocast_dtype, MemoryMeter(device), {**timings, "base_reused": reused})
 
 
 # --- one step's loss ----------------------------------------------------------------------------
@@ -365,6 +374,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
     s: Setup | None = None
     memory: MemoryMeter | None = None
     tracker: Tracker = Tracker()
+    clean = False
     try:
         memory = MemoryMeter(models.resolve_device(cfg.device, trial_number))
         tracker = make_tracker(cfg, trial_dir, metrics["choices"],
@@ -376,16 +386,26 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             data=s.data_report,
             trainable_params=sum(p.numel() for p in s.trainable.values()),
             total_params=sum(adapters.count_parameters(m, trainable=False) for m in s.components.modules().values()),
+            **s.timings,
         )
         metrics.update(train(cfg, s, trial_dir, tracker))
+        clock = time.perf_counter()
         adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
                                             _unwrapped_modules(s))
         metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
+        metrics["save_s"] = time.perf_counter() - clock
+        # the peak of training alone; evaluation (sampling, CLIP) is measured on its own below
+        metrics.update(memory.summary_mb())
+        _free_training_state(s)
         # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
         from .evaluate import evaluate_trial
 
+        eval_memory = MemoryMeter(s.device)
         metrics.update(evaluate_trial(cfg, trial_dir, s.components))
+        if cfg.eval.enabled:
+            metrics["eval_peak_memory_mb"] = eval_memory.summary_mb()["peak_memory_mb"]
         metrics["status"] = "finished"
+        clean = "eval_error" not in metrics
     except KeyboardInterrupt:
         metrics.update(status="interrupted", reason="KeyboardInterrupt")
         raise
@@ -398,13 +418,13 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         metrics["traceback"] = traceback.format_exc(limit=8)
         log.error("trial failed: %s", metrics["reason"])
     finally:
-        if memory is not None:
+        if memory is not None and "peak_memory_mb" not in metrics:
             metrics.update(memory.summary_mb())
         metrics["wall_s"] = time.perf_counter() - started
         atomic_write_json(trial_dir / "metrics.json", metrics)
         tracker.summary({k: v for k, v in metrics.items() if k not in ("losses", "traceback")})
         tracker.finish(failed=metrics["status"] != "finished")
-        _release(s)
+        _release(cfg, s, clean)
     return metrics
 
 
@@ -414,13 +434,33 @@ def _unwrapped_modules(s: Setup) -> dict[str, torch.nn.Module]:
     return modules
 
 
-def _release(s: Setup | None) -> None:
-    """Free the trial's models and optimizer state before the next trial of the sweep."""
+def _free_training_state(s: Setup) -> None:
+    """Optimizer state and gradients leave the GPU before evaluation samples with the same models."""
+    s.optimizer.zero_grad(set_to_none=True)
+    s.optimizer.state.clear()
+    s.accelerator.free_memory()
+    s.components.unet = s.accelerator.unwrap_model(s.components.unet)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _release(cfg: DictConfig, s: Setup | None, clean: bool) -> None:
+    """Free the trial's optimizer state (and its models, unless kept for the next trial)."""
     from accelerate.state import AcceleratorState
 
     if s is not None:
         s.accelerator.free_memory()
+        components = s.components
+        if components is not None:
+            components.unet = s.accelerator.unwrap_model(components.unet)
         s.components = s.optimizer = s.trainable = None  # type: ignore[assignment]
+        try:
+            kept_base.give_back(cfg, components, s.device, clean)
+        except Exception as e:  # noqa: BLE001 - never fail a finished trial for this: reload next time
+            log.warning("the base model could not be kept for the next trial (%s); it will be reloaded", e)
+            kept_base.drop()
+        del components
     AcceleratorState._reset_state(reset_partial_state=True)
     gc.collect()
     if torch.cuda.is_available():
