@@ -330,15 +330,19 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
     scorer = Scorer(cfg, device)  # before sampling: a CLIP model that cannot load fails in seconds
     pipe.unload_lora_weights()  # the trained layers out: this is the base model now
     key, info = base_key(cfg, components.source, device)
+    clock = time.perf_counter()
     base = ensure_base(cfg, pipe, base_root(trial_dir), key, info, scorer, autocast_dtype)
+    base_s, clock = time.perf_counter() - clock, time.perf_counter()
     load_saved_adapter(pipe, trial_dir / "adapter", cfg.adapter.kind)
     samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype)
     with atomic_dir(trial_dir / "samples") as tmp:
         for s in samples:
             s.image.save(tmp / s.file)
+    sample_s, clock = time.perf_counter() - clock, time.perf_counter()
     by_cell = {(b.prompt, b.seed): b for b in base}
     scores, rows = scorer.score(samples, [by_cell[(s.prompt, s.seed)] for s in samples])
-    return {**scores, f"{PREFIX}base_key": key, "eval_images": rows}
+    timings = {"eval_base_s": base_s, "sample_s": sample_s, "score_s": time.perf_counter() - clock}
+    return {**scores, f"{PREFIX}base_key": key, "eval_images": rows, **timings}
 
 
 # --- re-scoring a finished trial from its folder ----------------------------------------------------
