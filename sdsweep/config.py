@@ -184,6 +184,8 @@ class EvalConfig:
     steps: int = 4
     guidance_scale: float = 5.0
     resolution: int = 64
+    vae_tiling: bool = False
+    """Decode samples tile by tile (diffusers' VAE tiling): bounded memory for 1024 px on a 16 GB card."""
     metrics: list[str] = field(default_factory=lambda: list(EVAL_METRICS))
     """Any of clip_score, style, kid, random_style, content. random_style alone needs no CLIP weights."""
     clip_model: str = TINY_CLIP

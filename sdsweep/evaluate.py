@@ -143,13 +143,20 @@ def generate(pipe, prompts: list[str], seeds: list[int], e: DictConfig, autocast
                 latents = pipe(prompt, num_inference_steps=e.steps, guidance_scale=e.guidance_scale,
                                height=e.resolution, width=e.resolution, generator=generator,
                                output_type="latent").images
-            samples.append(Sample(prompt, int(seed), image_name(i, prompt, seed), decode(pipe, latents)))
+            samples.append(Sample(prompt, int(seed), image_name(i, prompt, seed), decode(pipe, latents, e.vae_tiling)))
     return samples
 
 
-def decode(pipe, latents: torch.Tensor) -> Image.Image:
-    """Decode outside autocast, in the VAE's own dtype (fp32 by default: the SDXL VAE overflows in fp16)."""
+def decode(pipe, latents: torch.Tensor, tiling: bool = False) -> Image.Image:
+    """Decode outside autocast, in the VAE's own dtype (fp32 by default: the SDXL VAE overflows in fp16);
+    with `tiling`, tile by tile (the VAE is shared with training and the next trial: switched back off)."""
     vae = pipe.vae
+    if tiling:
+        vae.enable_tiling()
+        try:
+            return decode(pipe, latents, tiling=False)
+        finally:
+            vae.disable_tiling()
     latents = latents.to(next(vae.parameters()).dtype)
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None:

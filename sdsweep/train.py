@@ -52,6 +52,8 @@ class Setup:
     memory: MemoryMeter
     timings: dict
     """Seconds spent reading data, loading the base (0 when kept from the last trial), filling the cache."""
+    offloaded: list[str]
+    """Frozen modules parked in CPU memory while training (see offload_cached_encoders)."""
 
 
 # --- set-up -----------------------------------------------------------------------------------
@@ -95,6 +97,7 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     data_report = report.summary()
     data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
     timings["cache_s"] = time.perf_counter() - clock
+    offloaded = offload_cached_encoders(cfg, components, data_report["cache"], device)
 
     # adapter initialisation depends on the seed alone, not on what set-up drew before it
     # (filling the cache or not must not change the trial)
@@ -143,7 +146,34 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     components.unet, optimizer = accelerator.prepare(components.unet, optimizer)
     # run_trial replaces this meter with one started before set-up, so the peak covers loading too
     return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler,
-                 accelerator, autocast_dtype, MemoryMeter(device), {**timings, "base_reused": reused})
+                 accelerator, autocast_dtype, MemoryMeter(device), {**timings, "base_reused": reused},
+                 offloaded)
+
+
+def offload_cached_encoders(cfg: DictConfig, components: models.Components, cache_report: dict,
+                            device: torch.device) -> list[str]:
+    """The frozen modules a training step never calls (their outputs all come from the cache): they
+    wait in CPU memory until evaluation, so the GPU holds the denoiser and the adapter alone
+    during training. Returns their names (also on a CPU, where nothing moves)."""
+    if cfg.tracking.validation_every:
+        return []  # validation samples during training: everything stays where sampling needs it
+    names = []
+    if isinstance(cache_report.get("latents"), dict):
+        names.append("vae")
+    if isinstance(cache_report.get("text"), dict):
+        names += [n for n in components.modules() if n.startswith("text_encoder")]
+    if device.type == "cuda":
+        for name in names:
+            components.modules()[name].to("cpu")
+    return names
+
+
+def restore_offloaded(s: Setup) -> None:
+    """Back to the training device: for evaluation, and for the next trial that keeps the base."""
+    modules = s.components.modules()
+    for name in s.offloaded:
+        modules[name].to(s.device)
+    s.offloaded = []
 
 
 # --- one step's loss ----------------------------------------------------------------------------
@@ -387,6 +417,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             trainable_params=sum(p.numel() for p in s.trainable.values()),
             total_params=sum(adapters.count_parameters(m, trainable=False) for m in s.components.modules().values()),
             **s.timings,
+            offloaded_during_training=s.offloaded,
         )
         metrics.update(train(cfg, s, trial_dir, tracker))
         clock = time.perf_counter()
@@ -443,6 +474,7 @@ def _free_training_state(s: Setup) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    restore_offloaded(s)
 
 
 def _release(cfg: DictConfig, s: Setup | None, clean: bool) -> None:

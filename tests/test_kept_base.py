@@ -75,3 +75,28 @@ def test_another_precision_or_keep_off_or_a_failed_trial_loads_afresh(make_cfg, 
     off = make_cfg("precision=bf16", "sweep.keep_base_loaded=false", NO_EVAL, steps=1)
     assert run_trial(off, tmp_path / "e")["base_reused"] is False
     assert loads[0] == 4
+
+
+def test_modules_whose_outputs_are_cached_leave_the_gpu_while_training(make_cfg, tmp_path):
+    cached = run_trial(make_cfg(NO_EVAL, f"cache.dir={tmp_path / 'f'}", steps=1), tmp_path / "a")
+    assert cached["offloaded_during_training"] == ["vae", "text_encoder", "text_encoder_2"]
+    trains_text = run_trial(make_cfg(NO_EVAL, "text_encoder=lora", f"cache.dir={tmp_path / 'f'}", steps=1), tmp_path / "b")
+    assert trains_text["offloaded_during_training"] == ["vae"]  # the encoders train: they stay
+    live = run_trial(make_cfg(NO_EVAL, "cache.enabled=false", steps=1), tmp_path / "c")
+    assert live["offloaded_during_training"] == []
+
+
+def test_vae_tiling_decodes_tile_by_tile_and_switches_back_off(make_cfg, monkeypatch):
+    from sdsweep import evaluate
+
+    cfg = make_cfg("eval.resolution=128", "eval.vae_tiling=true")
+    components, _ = kept_base.acquire(cfg, torch.device("cpu"))
+    pipe = evaluate.build_pipeline(components)
+    vae, tiled = pipe.vae, []
+    real = type(vae).tiled_decode
+    monkeypatch.setattr(type(vae), "tiled_decode", lambda self, *a, **k: tiled.append(1) or real(self, *a, **k))
+    latents = torch.randn(1, 4, 16, 16)
+    image = evaluate.decode(pipe, latents, tiling=True)
+    assert tiled and image.size == (128, 128) and not vae.use_tiling
+    evaluate.decode(pipe, latents, tiling=False)
+    assert len(tiled) == 1
