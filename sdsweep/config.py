@@ -257,6 +257,14 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    vram_budget_gb: float | None = 16.0
+    """GiB of GPU memory a trial may need (16: a T4). A cell whose predicted need (sdsweep/estimate.py:
+    peak allocated + allocator slack + CUDA context) is larger is pruned before it loads anything,
+    with the reason. Applies only to trials that run on CUDA; 0 or null: no budget."""
+
+
+@dataclass
 class DebugConfig:
     """Fault injection, so a user (and the tests) can check that a sweep survives a bad trial."""
 
@@ -280,6 +288,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     device: str = "auto"
     """auto (CUDA when present; trial N on GPU N mod count) | cpu | cuda | cuda:N."""
@@ -410,6 +419,9 @@ def validate(cfg: DictConfig | Config) -> None:
     if tk.profile_active < 1:
         p.append(f"tracking.profile_active={tk.profile_active}: must be >= 1")
     _check_choice(p, "device", cfg.device, DEVICES)
+    budget = cfg.sweep.vram_budget_gb
+    if budget is not None and budget < 0:
+        p.append(f"sweep.vram_budget_gb={budget}: must be >= 0 (GiB of GPU memory; 0 or null: no budget)")
     if p:
         raise ConfigError(p)
 

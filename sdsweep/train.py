@@ -25,6 +25,7 @@ from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_che
 from .conditioning import encode_text, prompt_embeddings, sdxl_time_ids
 from .config import ConfigError, validate
 from .data import count_long_captions, load_dataset, make_loader
+from .estimate import estimate_peak
 from .io import atomic_write_json
 from .meters import MemoryMeter, SpeedMeter
 from .sweep import config_fingerprint, finished_result, prune_reason
@@ -352,6 +353,8 @@ def run_trial(
     if kept := finished_result(trial_dir, metrics["config_fingerprint"]):
         log.info("%s already finished with this config: kept as it is", trial_dir)
         return kept
+    # the prediction is recorded for every trial (a CPU run too), before anything is loaded
+    metrics.update(estimate_peak(cfg).metrics())
     if reason := prune_reason(cfg):
         metrics.update(status="pruned", reason=reason)
         log.warning("trial pruned: %s", reason)
