@@ -98,6 +98,9 @@ class Estimate:
     """training step | VAE encoding: which phase sets the peak."""
     offloadable_gb: float = 0.0
     """Weights of components the trial keeps on the GPU but does not use while training (cached)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Predicted peak of each phase (training step, VAE encoding), GiB; total_gb is the larger."""
+    weights_by_component: dict[str, float] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     trainable_params: int = 0
     seconds: float = 0.0
@@ -120,7 +123,9 @@ class Estimate:
         """The keys run_trial writes into metrics.json."""
         breakdown = {k: _round(getattr(self, k)) for k in (
             "weights_gb", "adapter_gb", "activations_gb", "workspace_gb", "offloadable_gb", "device_gb")}
-        breakdown.update(peak_phase=self.peak_phase, params=self.params, trainable_params=self.trainable_params,
+        breakdown.update(peak_phase=self.peak_phase, phases={k: _round(v) for k, v in self.phases.items()},
+                         weights_by_component={k: _round(v) for k, v in self.weights_by_component.items()},
+                         params=self.params, trainable_params=self.trainable_params,
                          seconds=_round(self.seconds), reason=self.reason, notes=self.notes)
         return {"predicted_peak_vram_gb": _round(self.total_gb), "predicted_vram": breakdown}
 
@@ -136,12 +141,15 @@ def component_configs(model) -> tuple[dict[str, tuple[str, dict]], list[str]]:
     """{component: (class name, config)} of the model's denoiser, VAE and text encoders, read from
     their config.json files only; falls back to `architectures` for known hub ids and single files."""
     from .architectures import KNOWN_HUB_IDS, family_components
-    from .models import resolve_source
+    from .models import ModelLoadError, resolve_source
 
     notes: list[str] = []
     if model.build_tiny and not model.pretrained:
         return _tiny_configs(model), notes
-    source = resolve_source(model)
+    try:
+        source = resolve_source(model)
+    except ModelLoadError as e:
+        raise EstimateUnavailable(str(e)) from e
     single_file = source.lower().endswith((".safetensors", ".ckpt"))
     if single_file and model.single_file_config:
         source = model.single_file_config
@@ -424,7 +432,7 @@ def _checkpoint(module, *args):
 
 def trace_step(cfg, modules: dict[str, torch.nn.Module], trained_encoders: list[torch.nn.Module]) -> tuple[int, int]:
     """(peak bytes one training step allocates, bytes of the adapter gradients) on meta."""
-    family, batch, res = cfg.model.family, cfg.train.batch_size, cfg.data.resolution
+    family = cfg.model.family
     denoiser = modules["transformer" if family == "sd3" else "unet"]
     mp = cfg.precision.mixed_precision
     autocast = None if mp == "no" else {"fp16": torch.float16, "bf16": torch.bfloat16}[mp]
@@ -552,8 +560,15 @@ def _estimate(cfg) -> Estimate:
     denoiser_name = "transformer" if family == "sd3" else "unet"
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
     weights = {name: frozen_bytes(name, m, pr) for name, m in modules.items()}
-    for name, m in modules.items():  # the dtypes models.place gives them (a quantized UNet traced as base_dtype)
-        m.to(BYTES_DTYPE[_placed_dtype(name, m, pr)])
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32": none here
+    try:
+        for name, m in modules.items():  # the dtypes models.place gives them (a quantized UNet traced as base_dtype)
+            m.to(BYTES_DTYPE[_placed_dtype(name, m, pr)])
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     adapters.attach(modules[denoiser_name], cfg.adapter, adapters.denoiser_patterns(cfg.targets, family),
                     denoiser_name)
     trained = []
@@ -568,14 +583,19 @@ def _estimate(cfg) -> Estimate:
     step_peak, grads = trace_step(cfg, modules, trained)
     encode_peak = trace_vae_encode(modules["vae"], cfg.train.batch_size, cfg.data.resolution)
     at_rest = sum(weights.values()) + adapter_at_rest
-    phase, peak = ("training step", step_peak) if step_peak >= encode_peak else ("VAE encoding", encode_peak)
-    total = at_rest + peak + WORKSPACE_GIB * GIB
+    workspace = WORKSPACE_GIB * GIB
+    phases = {"training step": at_rest + step_peak + workspace, "VAE encoding": at_rest + encode_peak + workspace}
+    phase = max(phases, key=phases.get)
+    peak = step_peak if phase == "training step" else encode_peak
     if pr.quantize != "none":
-        notes.append(f"precision={pr.name}: activations estimated as for {pr.base_dtype} (bitsandbytes' own not modelled)")
+        notes.append(f"precision={pr.name}: activations estimated as for {pr.base_dtype} "
+                     "(bitsandbytes' own not modelled)")
     return Estimate(
-        total_gb=total / GIB, weights_gb=sum(weights.values()) / GIB, adapter_gb=(adapter_at_rest + grads) / GIB,
+        total_gb=phases[phase] / GIB, weights_gb=sum(weights.values()) / GIB,
+        adapter_gb=(adapter_at_rest + grads) / GIB,
         activations_gb=max(peak - grads, 0) / GIB, workspace_gb=WORKSPACE_GIB, peak_phase=phase,
-        offloadable_gb=_offloadable(cfg, weights) / GIB, params=params,
+        offloadable_gb=_offloadable(cfg, weights) / GIB, phases={k: v / GIB for k, v in phases.items()},
+        weights_by_component={k: v / GIB for k, v in weights.items()}, params=params,
         trainable_params=sum(p.numel() for p in trainable), notes=notes,
     )
 
