@@ -267,6 +267,11 @@ class SweepConfig:
     base model loaded by the previous trial when model, precision and device are the same, and
     swap only the adapter: loading SDXL costs 35-120 s on a T4. False reloads it for every trial."""
 
+    vram_budget_gb: float | None = 16.0
+    """GiB of GPU memory a trial may need (16: a T4). A cell whose predicted need (sdsweep/estimate.py:
+    peak allocated + allocator slack + CUDA context) is larger is pruned before it loads anything,
+    with the reason. Applies only to trials that run on CUDA; 0 or null: no budget."""
+
 
 @dataclass
 class DebugConfig:
@@ -423,6 +428,9 @@ def validate(cfg: DictConfig | Config) -> None:
     if tk.profile_active < 1:
         p.append(f"tracking.profile_active={tk.profile_active}: must be >= 1")
     _check_choice(p, "device", cfg.device, DEVICES)
+    budget = cfg.sweep.vram_budget_gb
+    if budget is not None and budget < 0:
+        p.append(f"sweep.vram_budget_gb={budget}: must be >= 0 (GiB of GPU memory; 0 or null: no budget)")
     if p:
         raise ConfigError(p)
 

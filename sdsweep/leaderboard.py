@@ -45,8 +45,8 @@ METRICS: dict[str, bool] = {
     "eval/gram_distance": False,
     "eval/color_distance": False,
 }
-RESOURCES = ["trainable_params", "adapter_mb", "peak_vram_mb", "peak_memory_mb", "it_per_s", "train_s", "wall_s",
-             "eval_s", "final_loss"]
+RESOURCES = ["trainable_params", "adapter_mb", "predicted_vram_gb", "peak_vram_mb", "peak_memory_mb", "it_per_s",
+             "train_s", "wall_s", "eval_s", "final_loss"]
 NUMERIC = ["composite", *METRICS, "eval/kid_subset_std", *RESOURCES]
 WITH_STD = [k for k in NUMERIC if k != "eval/kid_subset_std"]  # over seeds
 RESOLUTION = 0.05  # differences below 5% of a metric's magnitude count as ties in the composite
@@ -82,6 +82,7 @@ def trial_row(trial_dir: Path, m: dict) -> dict[str, Any]:
     row["overrides"] = " ".join(overrides)
     row.update({k: m.get(k) for k in RESOURCES if k != "it_per_s"})
     row["it_per_s"] = m.get("steps_per_s")
+    row["predicted_vram_gb"] = m.get("predicted_peak_vram_gb")  # sdsweep/estimate.py, before the trial ran
     row["peak_vram_reserved_mb"] = m.get("peak_vram_reserved_mb")
     row.update({k: m.get(k) for k in METRICS})
     row["eval/kid_subset_std"] = m.get("eval/kid_std")  # spread over KID's subsets (not over seeds)
@@ -299,7 +300,8 @@ def table(board: pd.DataFrame) -> str:
             "rank": fmt(r["rank"], "d") if not pd.isna(r["rank"]) else "-", "config": str(r["config"])[:48],
             "composite": comp, "clip": fmt(r["eval/clip_score"], ".2f"), "style": fmt(r["eval/style_centroid_cos"], ".3f"),
             "content": fmt(r["eval/content_cos"], ".3f"), "kid": fmt(r["eval/kid"], ".4f"),
-            "gram": fmt(r["eval/gram_distance"], ".3f"), "mem_mb": fmt(memory, ".0f"), "train_s": fmt(r["train_s"], ".1f"),
+            "gram": fmt(r["eval/gram_distance"], ".3f"), "pred_gb": fmt(r["predicted_vram_gb"], ".1f"),
+            "mem_mb": fmt(memory, ".0f"), "train_s": fmt(r["train_s"], ".1f"),
             "pareto": "*" if r["pareto"] is True else "", "t4": {True: "yes", False: "no"}.get(r["fits_t4"], ""),
             "status": r["status"] + (f": {r['reason'][:60]}" if r["reason"] else "") + (f" ({r['note']})" if r["note"] else ""),
         })

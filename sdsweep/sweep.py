@@ -23,9 +23,13 @@ from .config import ConfigError, validate
 log = logging.getLogger(__name__)
 
 
+def runs_on_cuda(cfg: DictConfig) -> bool:
+    return torch.cuda.is_available() and cfg.device != "cpu"
+
+
 def prune_reason(cfg: DictConfig) -> str | None:
     """Why this cell cannot run on this machine, or None."""
-    pr, cuda = cfg.precision, torch.cuda.is_available() and cfg.device != "cpu"
+    pr, cuda = cfg.precision, runs_on_cuda(cfg)
     if pr.quantize != "none" and not cuda:
         return (f"precision={pr.name} quantizes the base with bitsandbytes, which needs a CUDA GPU; "
                 "use precision=fp16, bf16 or fp32 here")
@@ -37,7 +41,37 @@ def prune_reason(cfg: DictConfig) -> str | None:
         return (f"precision={pr.name} on {name} (compute capability "
                 f"{'.'.join(map(str, torch.cuda.get_device_capability()))}): bf16 is emulated before Ampere "
                 "(8.0) and runs several times slower; use precision=fp16")
+    if cuda:
+        return over_budget_reason(cfg)
     return None
+
+
+def over_budget_reason(cfg: DictConfig) -> str | None:
+    """Why this cell would not fit `sweep.vram_budget_gb`, or None (no budget, fits, or no prediction).
+
+    Only for trials that will run on CUDA: a CPU trial has no VRAM to exhaust (its prediction is
+    still recorded in metrics.json by run_trial)."""
+    from .estimate import estimate_peak
+
+    budget = cfg.sweep.vram_budget_gb
+    if not budget:
+        return None
+    estimate = estimate_peak(cfg)
+    if estimate.fits(budget):
+        return None
+    fixes = []
+    if not cfg.train.gradient_checkpointing:
+        fixes.append("train.gradient_checkpointing=true")
+    if cfg.optimizer.name != "adamw8bit":
+        fixes.append("optimizer=adamw8bit")
+    if cfg.precision.base_dtype == "fp32":
+        fixes.append("precision=fp16 (bf16 on Ampere or newer)")
+    if cfg.train.batch_size > 1:
+        fixes.append("a lower train.batch_size with train.grad_accum")
+    fixes += ["a lower data.resolution", "or raise the budget"]
+    return (f"predicted peak {estimate.device_gb:.1f} GiB ({estimate.total_gb:.1f} allocated, "
+            f"peak in the {estimate.peak_phase}, + allocator slack and CUDA context) > "
+            f"sweep.vram_budget_gb={budget:g}: try {', '.join(fixes)}")
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
@@ -77,6 +111,7 @@ def preflight(overrides: list[str]) -> list[str]:
     from hydra.core.global_hydra import GlobalHydra
 
     problems: list[str] = []
+    predictions: list[tuple[list[str], DictConfig]] = []
     cells = expand_cells(overrides)
     for cell in cells:
         GlobalHydra.instance().clear()
@@ -84,13 +119,40 @@ def preflight(overrides: list[str]) -> list[str]:
             with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
                 cfg = compose(config_name="config", overrides=cell)
             validate(cfg)
+            predictions.append((cell, cfg))
         except ConfigError as e:
             problems.extend(f"[{' '.join(cell)}] {p}" for p in e.problems)
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors have many types
             problems.append(f"[{' '.join(cell)}] {str(e).splitlines()[0]}")
         finally:
             GlobalHydra.instance().clear()
+    if not problems and predictions:
+        print(prediction_table(predictions), flush=True)
     return problems
+
+
+def prediction_table(cells: list[tuple[list[str], DictConfig]]) -> str:
+    """Each cell's predicted peak VRAM and whether it fits sweep.vram_budget_gb, as a text table."""
+    from .estimate import estimate_peak
+
+    rows = []
+    for cell, cfg in cells:
+        e, budget, cuda = estimate_peak(cfg), cfg.sweep.vram_budget_gb, runs_on_cuda(cfg)
+        if e.total_gb is None:
+            fits = f"unknown: {e.reason}"
+        elif not budget:
+            fits = "no budget"
+        else:
+            fits = ("yes" if e.fits(budget) else "NO: pruned") if cuda else (
+                "yes" if e.fits(budget) else "no (CPU run: not pruned)")
+        rows.append((" ".join(cell) or "(defaults)", "-" if e.total_gb is None else f"{e.total_gb:.2f}",
+                     "-" if e.device_gb is None else f"{e.device_gb:.2f}", fits))
+    head = ("cell", "peak GiB", "need GiB", "fits sweep.vram_budget_gb")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = ["predicted peak VRAM per cell (sdsweep/estimate.py: peak = torch.cuda.max_memory_allocated; "
+             "need = peak + allocator slack + CUDA context)"]
+    lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in [head, *rows]]
+    return "\n".join(lines)
 
 
 def resume_overrides(sweep_dir: Path, extra: list[str]) -> list[str]:

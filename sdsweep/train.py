@@ -25,6 +25,7 @@ from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_che
 from .conditioning import encode_text, prompt_embeddings, sdxl_time_ids
 from .config import ConfigError, validate
 from .data import count_long_captions, load_dataset, make_loader
+from .estimate import estimate_peak
 from .io import atomic_write_json
 from .meters import MemoryMeter, SpeedMeter
 from .sweep import config_fingerprint, finished_result, prune_reason
@@ -95,7 +96,14 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     autocast_dtype = None if mp == "no" else models.DTYPES[mp]
     # before any adapter is attached: the cache keys hash the frozen modules as loaded
     data_report = report.summary()
+    # the encoders fill the cache with the denoiser parked in CPU memory: at 1024 px the fp32 VAE's
+    # activations would otherwise sit on top of SDXL's UNet (bitsandbytes layers stay where they are)
+    park = cfg.cache.enabled and device.type == "cuda" and cfg.precision.quantize == "none"
+    if park:
+        components.unet.to("cpu")
     data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
+    if park:
+        components.unet.to(device)
     timings["cache_s"] = time.perf_counter() - clock
     offloaded = offload_cached_encoders(cfg, components, data_report["cache"], device)
 
@@ -391,6 +399,8 @@ def run_trial(
     if kept := finished_result(trial_dir, metrics["config_fingerprint"]):
         log.info("%s already finished with this config: kept as it is", trial_dir)
         return kept
+    # the prediction is recorded for every trial (a CPU run too), before anything is loaded
+    metrics.update(estimate_peak(cfg).metrics())
     if reason := prune_reason(cfg):
         metrics.update(status="pruned", reason=reason)
         log.warning("trial pruned: %s", reason)
