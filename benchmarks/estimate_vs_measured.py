@@ -5,9 +5,10 @@
 
 For each config it prints `sdsweep.estimate`'s prediction of torch.cuda.max_memory_allocated and,
 on a CUDA GPU, the measured one: SDXL's real architecture (sdsweep/architectures.py, no download)
-with random weights, placed as models.place places it (every component on the GPU), an adapter
-attached with adapters.attach, VAE encoding of a random batch, then two optimizer steps with the
-trial's autocast, loss scaling and optimizer (the second step is the steady state: optimizer
+with random weights, placed as train.setup places it (benchmarks/sdxl_random.py: the UNet parked
+while the VAE encodes a random batch, the VAE and text encoders off the GPU while training), an
+adapter attached with adapters.attach, then two optimizer steps with the trial's autocast, loss
+scaling and optimizer (the second step is the steady state: optimizer
 state exists). The goal of issue 7 is |predicted - measured| <= 15% of measured.
 
 Without CUDA it prints the predictions only. (Measuring the tiny models on a CPU says nothing
@@ -27,11 +28,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hydra import compose, initialize_config_module  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from sdxl_random import SdxlTrainer  # noqa: E402
+from sdxl_random import compose_cfg as sdxl_compose  # noqa: E402
 
-from sdsweep import adapters, models  # noqa: E402
-from sdsweep.architectures import family_components, instantiate  # noqa: E402
 from sdsweep.config import register_configs  # noqa: E402
 from sdsweep.estimate import estimate_peak  # noqa: E402
 
@@ -45,59 +44,21 @@ CONFIGS = [
 
 
 def compose_cfg(res: int, ckpt: bool, optimizer: str, precision: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=[
-            "model=sdxl", f"precision={precision}", f"optimizer={optimizer}", f"data.resolution={res}",
-            "train.batch_size=1", "adapter.rank=16", "targets=attn", f"train.gradient_checkpointing={ckpt}"])
+    return sdxl_compose(f"precision={precision}", f"optimizer={optimizer}", f"data.resolution={res}",
+                        f"train.gradient_checkpointing={ckpt}")
 
 
 def measure(cfg) -> float:
     """GiB of torch.cuda.max_memory_allocated over set-up, VAE encoding and two training steps."""
-    from sdsweep.train import build_optimizer
-
-    device = torch.device("cuda")
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()}
-    for m in parts.values():
-        m.requires_grad_(False)
-    comps = models.Components("sdxl", "random", parts["unet"], parts["vae"],
-                              [parts["text_encoder"], parts["text_encoder_2"]], [], None)
-    models.place(comps, cfg.precision, device)
-    unet, vae, res, batch = comps.unet, comps.vae, cfg.data.resolution, cfg.train.batch_size
-    with torch.no_grad():
-        pixels = torch.randn(batch, 3, res, res, device=device, dtype=next(vae.parameters()).dtype)
-        latents = vae.encode(pixels).latent_dist.sample().float() * 0.13025
-        del pixels
-    adapters.attach(unet, cfg.adapter, list(cfg.targets.patterns), "unet")
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    params = adapters.trainable_parameters(unet)
-    optimizer = build_optimizer(cfg, [{"params": params, "lr": 1e-4}], device)
-    dtype = models.DTYPES[cfg.precision.mixed_precision]
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision.mixed_precision == "fp16")
-    embeds = torch.randn(batch, 77, 2048, device=device, dtype=dtype)
-    added = {"text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype),
-             "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device, dtype=torch.float32)}
-    for _ in range(2):
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        with torch.autocast("cuda", dtype=dtype):
-            pred = unet(latents + noise, t, embeds, added_cond_kwargs=added).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        del pred, loss
+    trainer = SdxlTrainer(cfg, torch.device("cuda"))
+    for _ in range(2):  # the second step is the steady state: the optimizer state exists
+        trainer.step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del comps, parts, unet, vae, optimizer, params, latents, embeds, added
+    del trainer
     gc.collect()
     torch.cuda.empty_cache()
     return peak
@@ -135,8 +96,8 @@ def main() -> int:
     if errors:
         print(f"\nmax |error| {max(errors):.1%} (goal: 15%) on {torch.cuda.get_device_name()}")
     print("GiB of torch.cuda.max_memory_allocated (the CUDA context, ~0.5 GiB, comes on top); "
-          "SDXL base architecture, LoRA rank 16 on attention, batch 1, every component on the GPU as "
-          "models.place leaves it")
+          "SDXL base architecture, LoRA rank 16 on attention, batch 1, placed as train.setup places it "
+          "(benchmarks/sdxl_random.py)")
     return 0
 
 

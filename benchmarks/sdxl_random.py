@@ -1,0 +1,86 @@
+"""SDXL's real architecture with random weights, placed and stepped as sdsweep's trainer does it.
+
+Speed and memory do not depend on the weight values, so the benchmarks build SDXL from
+`sdsweep/architectures.py` (no download) and run LoRA steps the way `train.setup` and
+`train.train` run them: the VAE encodes with the UNet parked in CPU memory (as while the cache
+is filled), then the VAE and text encoders wait in CPU memory (their outputs are cached) while
+the UNet trains under autocast, loss scaling and the trial's optimizer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hydra import compose, initialize_config_module  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from sdsweep import adapters, models  # noqa: E402
+from sdsweep.architectures import family_components, instantiate  # noqa: E402
+from sdsweep.config import register_configs  # noqa: E402
+
+
+def compose_cfg(*overrides: str):
+    """The config `python -m sdsweep model=sdxl OVERRIDES` would train (LoRA rank 16 on attention, batch 1)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            "model=sdxl", "train.batch_size=1", "adapter.rank=16", "targets=attn", *overrides])
+
+
+class SdxlTrainer:
+    """The UNet with its adapter, optimizer and scaler, and one batch of latents and conditioning."""
+
+    def __init__(self, cfg, device: torch.device):
+        from sdsweep.train import build_optimizer
+
+        parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()}
+        for m in parts.values():
+            m.requires_grad_(False)
+        comps = models.Components("sdxl", "random", parts["unet"], parts["vae"],
+                                  [parts["text_encoder"], parts["text_encoder_2"]], [], None)
+        models.place(comps, cfg.precision, device)
+        res, batch = cfg.data.resolution, cfg.train.batch_size
+        comps.unet.to("cpu")  # parked while the VAE encodes
+        with torch.no_grad():
+            pixels = torch.randn(batch, 3, res, res, device=device, dtype=next(comps.vae.parameters()).dtype)
+            self.latents = comps.vae.encode(pixels).latent_dist.sample().float() * 0.13025
+            del pixels
+        comps.unet.to(device)
+        for m in (comps.vae, *comps.text_encoders):  # outputs cached: off the GPU while training
+            m.to("cpu")
+        self.unet = comps.unet
+        adapters.attach(self.unet, cfg.adapter, list(cfg.targets.patterns), "unet")
+        if cfg.train.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+        self.params = adapters.trainable_parameters(self.unet)
+        self.optimizer = build_optimizer(cfg, [{"params": self.params, "lr": 1e-4}], device)
+        self.dtype = models.DTYPES[cfg.precision.mixed_precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.mixed_precision == "fp16")
+        self.embeds = torch.randn(batch, 77, 2048, device=device, dtype=self.dtype)
+        self.added = {"text_embeds": torch.randn(batch, 1280, device=device, dtype=self.dtype),
+                      "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device,
+                                               dtype=torch.float32)}
+        self.device = device
+
+    def forward_loss(self) -> torch.Tensor:
+        noise = torch.randn_like(self.latents)
+        t = torch.randint(0, 1000, (self.latents.shape[0],), device=self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            pred = self.unet(self.latents + noise, t, self.embeds, added_cond_kwargs=self.added).sample
+            return torch.nn.functional.mse_loss(pred.float(), noise)
+
+    def step(self) -> None:
+        self.scaler.scale(self.forward_loss()).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,119 @@
+"""SDXL LoRA training steps: FLOPs, it/s, peak VRAM and model-FLOPs utilisation.
+
+    python benchmarks/step_speed.py                  # 512 and 1024 px, checkpointing off and on
+    python benchmarks/step_speed.py --cap-gb 16      # under a T4's 16 GB (default)
+    python benchmarks/step_speed.py --peak-tflops 65 # the GPU's dense half-precision peak, if not known
+
+FLOPs of one step are counted by torch's FlopCounterMode on the meta device (no weights, no GPU):
+forward and backward of SDXL's real UNet with a LoRA adapter, recomputation included when
+gradient checkpointing is on. On a CUDA GPU the steps then run for real (benchmarks/sdxl_random.py,
+placed as the trainer places them) under `torch.cuda.set_per_process_memory_fraction(cap)`, and
+MFU = FLOPs per step x steps per second / the GPU's peak. Without CUDA: FLOPs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from sdxl_random import SdxlTrainer, compose_cfg
+
+PEAK_TFLOPS = {"T4": 65, "A10": 125, "L4": 121, "A100": 312, "H100": 989, "H200": 989, "4090": 165}
+
+
+def step_flops(cfg) -> tuple[float, float]:
+    """(forward, whole step) FLOPs of the UNet with its adapter, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdsweep import adapters
+    from sdsweep.architectures import family_components, instantiate
+
+    cls, config = family_components("sdxl")["unet"]
+    with torch.device("meta"):
+        unet = instantiate(cls, config).requires_grad_(False)
+    adapters.attach(unet, cfg.adapter, list(cfg.targets.patterns), "unet")
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    side, b = cfg.data.resolution // 8, cfg.train.batch_size
+    args = (torch.randn(b, 4, side, side, device="meta"), torch.zeros(b, device="meta"),
+            torch.randn(b, 77, 2048, device="meta"))
+    added = {"text_embeds": torch.randn(b, 1280, device="meta"), "time_ids": torch.randn(b, 6, device="meta")}
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            unet(*args, added_cond_kwargs=added)
+    with FlopCounterMode(display=False) as whole:
+        unet(*args, added_cond_kwargs=added).sample.float().pow(2).mean().backward()
+    return forward.get_total_flops(), whole.get_total_flops()
+
+
+def gpu_peak_tflops(override: float | None) -> float | None:
+    if override:
+        return override
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def measure(cfg, steps: int, warmup: int) -> tuple[float, float]:
+    """(steps per second, peak GiB allocated) of real training steps on the GPU."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    trainer = SdxlTrainer(cfg, torch.device("cuda"))
+    for _ in range(warmup):
+        trainer.step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.step()
+    torch.cuda.synchronize()
+    rate = steps / (time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del trainer
+    torch.cuda.empty_cache()
+    return rate, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolutions", type=int, nargs="*", default=[512, 1024])
+    parser.add_argument("--precision", default="fp16" if not torch.cuda.is_available()
+                        or torch.cuda.get_device_capability() < (8, 0) else "bf16")
+    parser.add_argument("--optimizer", default="adamw8bit")
+    parser.add_argument("--cap-gb", type=float, default=16.0, help="GPU memory cap (a T4: 16)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    peak = None
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb / total))
+        peak = gpu_peak_tflops(args.peak_tflops)
+        print(f"{torch.cuda.get_device_name()}, capped at {args.cap_gb:g} GiB, peak {peak} TFLOPS")
+    else:
+        print("no CUDA GPU here: FLOPs only")
+    print(f"{'res':>5} {'ckpt':>5} {'fwd TFLOP':>9} {'step TFLOP':>10}"
+          + (f" {'it/s':>6} {'s/step':>7} {'peak GiB':>8} {'MFU':>6}" if cuda else ""))
+    for res in args.resolutions:
+        for ckpt in (False, True):
+            cfg = compose_cfg(f"precision={args.precision}", f"optimizer={args.optimizer}", f"data.resolution={res}",
+                              f"train.gradient_checkpointing={ckpt}")
+            forward, step = step_flops(cfg)
+            line = f"{res:>5} {str(ckpt):>5} {forward / 1e12:>9.2f} {step / 1e12:>10.2f}"
+            if cuda:
+                try:
+                    rate, gib = measure(cfg, args.steps, args.warmup)
+                    mfu = f"{step * rate / (peak * 1e12):6.1%}" if peak else "     ?"
+                    line += f" {rate:>6.2f} {1 / rate:>7.2f} {gib:>8.2f} {mfu}"
+                except torch.cuda.OutOfMemoryError:
+                    line += f"  out of memory under {args.cap_gb:g} GiB"
+                    torch.cuda.empty_cache()
+            print(line, flush=True)
+    print(f"SDXL UNet (2.57 B parameters, random weights), LoRA rank 16 on attention, batch 1, "
+          f"{args.precision}, {args.optimizer}")
+
+
+if __name__ == "__main__":
+    main()
