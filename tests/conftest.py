@@ -18,7 +18,9 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from sdsweep.config import register_configs  # noqa: E402
 
-torch.set_num_threads(2)
+# one thread per test process: xdist runs one worker per core, and tiny models are dominated by
+# per-op overhead that more threads only add to
+torch.set_num_threads(1)
 register_configs()
 
 
@@ -55,5 +57,6 @@ def make_cfg(cache_dir):
 def cli_env(cache_dir: Path) -> dict:
     """Environment for running `python -m sdsweep` in a subprocess, offline, on the test cache."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", CUDA_VISIBLE_DEVICES="")
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")
     return env
