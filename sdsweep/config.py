@@ -274,6 +274,9 @@ class DebugConfig:
     """Replace the loss with NaN at this step (-1: never)."""
     raise_at_step: int = -1
     """Raise RuntimeError at this step, after any checkpoint of that step (-1: never)."""
+    trace_data: bool = False
+    """Every process writes debug/rank-N.json: the (image, draw) keys it trained on, its per-step
+    losses and a checksum of its trained weights (shows how a multi-process trial shares the data)."""
 
 
 @dataclass

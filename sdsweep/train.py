@@ -75,17 +75,21 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     from diffusers.optimization import get_scheduler
 
     device = models.resolve_device(cfg.device, trial_number)
+    # under `accelerate launch` / torchrun this joins the other processes of the trial (DDP)
+    accelerator = Accelerator(cpu=device.type == "cpu")
     torch.manual_seed(cfg.seed)
-    # data first: a folder without captions should fail in a second, not after loading SDXL
-    dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
-    components = models.load_components(cfg.model)
-    report.truncated_captions = count_long_captions(dataset.records, components.tokenizers)
-    models.place(components, cfg.precision, device)
-    mp = cfg.precision.mixed_precision
-    autocast_dtype = None if mp == "no" else models.DTYPES[mp]
-    # before any adapter is attached: the cache keys hash the frozen modules as loaded
-    data_report = report.summary()
-    data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
+    # the main process builds tiny models, data and cache entries first; the others then read them
+    with accelerator.main_process_first():
+        # data first: a folder without captions should fail in a second, not after loading SDXL
+        dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
+        components = models.load_components(cfg.model)
+        report.truncated_captions = count_long_captions(dataset.records, components.tokenizers)
+        models.place(components, cfg.precision, device)
+        mp = cfg.precision.mixed_precision
+        autocast_dtype = None if mp == "no" else models.DTYPES[mp]
+        # before any adapter is attached: the cache keys hash the frozen modules as loaded
+        data_report = report.summary()
+        data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
 
     # adapter initialisation depends on the seed alone, not on what set-up drew before it
     # (filling the cache or not must not change the trial)
@@ -130,7 +134,6 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     # accelerate silently turns fp16 off on a CPU, and precision=fp16 must mean fp16 everywhere.
     # accelerate still owns device placement, multi-GPU (DDP) and gradient-accumulation syncs.
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")
-    accelerator = Accelerator(cpu=device.type == "cpu")
     components.unet, optimizer = accelerator.prepare(components.unet, optimizer)
     # run_trial replaces this meter with one started before set-up, so the peak covers loading too
     return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler,
@@ -211,26 +214,34 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
         resumed_from = state.step
         log.info("resuming from %s at step %d", existing[-1].name, state.step)
 
-    samples_per_step = cfg.train.batch_size * accum
+    # train.batch_size is per process (as in diffusers' scripts): with N processes a step trains
+    # on batch_size x grad_accum x N samples, each process on its own share of them
+    rank, world, main = s.accelerator.process_index, s.accelerator.num_processes, s.accelerator.is_main_process
+    samples_per_step = cfg.train.batch_size * accum * world
     loader = make_loader(s.dataset, cfg.train.batch_size, cfg.seed, state.step * samples_per_step,
-                         cfg.data.num_workers)
+                         cfg.data.num_workers, rank, world)
     batches = iter(loader)
     unet = s.components.unet
     params = list(s.trainable.values())
+    # DDP averages the gradients of the unet it wraps; the text encoders' adapters are averaged here
+    unsynced = [p for name, p in s.trainable.items() if not name.startswith("unet.")] if world > 1 else []
+    trace: dict | None = {"rank": rank, "keys": [], "losses": []} if cfg.debug.trace_data else None
     pending: list[torch.Tensor] = []  # per-step losses still on the device
     smoothed = state.losses[-1] if state.losses else None
     speed = SpeedMeter(cfg.tracking.warmup_steps, samples_per_step)
     speed.start(state.step)
     started = time.perf_counter()
-    profiler = make_profiler(cfg, trial_dir)
+    profiler = make_profiler(cfg, trial_dir) if main else None
 
     for step in range(state.step, max_steps):
-        # every random draw of a step (noise, timesteps, dropout) depends only on (seed, step),
-        # so a resumed trial reproduces an uninterrupted one
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        # every random draw of a step (noise, timesteps, dropout) depends only on (seed, step) and
+        # the process's rank, so a resumed trial reproduces an uninterrupted one
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
         step_loss = torch.zeros((), device=s.device)
         for micro in range(accum):
             batch = next(batches)
+            if trace is not None:
+                trace["keys"] += batch["key"].tolist()
             sync = s.accelerator.no_sync(unet) if micro < accum - 1 else nullcontext()
             with sync:
                 loss = diffusion_loss(s, cfg, batch)
@@ -238,7 +249,10 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
                     loss = loss * float("nan")
                 s.scaler.scale(loss / accum).backward()
             step_loss += loss.detach() / accum
-        if cfg.train.nan_policy == "skip" and not torch.isfinite(step_loss):
+        if trace is not None:
+            trace["losses"].append(step_loss.item())
+        _average_gradients(unsynced, world)
+        if cfg.train.nan_policy == "skip" and not torch.isfinite(step_loss if world == 1 else s.accelerator.reduce(step_loss)):
             # drop this step's update; data and schedule move on as if it had happened
             state.skipped_steps.append(step + 1)
             log.warning("step %d: loss is %s, update skipped (%d of train.max_nan_skips=%d)", step + 1,
@@ -263,7 +277,9 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
 
         # loss.item() every step would sync the GPU each step: check and log every log_every
         if done % cfg.train.log_every == 0 or done == max_steps:
-            values = torch.stack(pending).tolist()
+            values = torch.stack(pending)
+            # the loss of the trial is the mean over its processes (one collective per log, not per step)
+            values = (values if world == 1 else s.accelerator.reduce(values, "mean")).tolist()
             first_step = done - len(values) + 1
             first_bad = next((i for i, (v, _) in enumerate(values)
                               if not math.isfinite(v) and first_step + i not in state.skipped_steps), None)
@@ -281,9 +297,9 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
             pending.clear()
             log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.2f it/s", done, max_steps, values[-1][0],
                      values[-1][1], lrs[0], figures["perf/it_per_s"])
-        if cfg.tracking.validation_every and (done % cfg.tracking.validation_every == 0 or done == max_steps):
+        if main and cfg.tracking.validation_every and (done % cfg.tracking.validation_every == 0 or done == max_steps):
             validate_images(cfg, s, trial_dir, tracker, done)
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not pending:
+        if main and cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not pending:
             state.step = done
             state.elapsed_s += time.perf_counter() - started
             started = time.perf_counter()
@@ -294,9 +310,12 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
 
     if profiler is not None:
         finish_profiler(profiler, trial_dir, tracker)
+    if trace is not None:
+        _write_trace(trial_dir, trace, s.trainable)
     finite = [v for v in state.losses if math.isfinite(v)]  # skipped NaN steps stay in the curve only
     return {
         "steps": max_steps,
+        "processes": world,
         "resumed_from_step": resumed_from,
         "train_s": state.elapsed_s + time.perf_counter() - started,
         **speed.summary(),
@@ -305,6 +324,29 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
         "final_loss": finite[-1] if finite else None,
         "mean_loss": sum(finite) / len(finite) if finite else None,
     }
+
+
+def _write_trace(trial_dir: Path, trace: dict, trainable: dict[str, torch.nn.Parameter]) -> None:
+    """debug.trace_data: what this process trained on, and a checksum of the weights it ended with."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(trainable):
+        digest.update(name.encode())
+        digest.update(trainable[name].detach().float().cpu().numpy().tobytes())
+    atomic_write_json(trial_dir / "debug" / f"rank-{trace['rank']}.json", {**trace, "weights_sha256": digest.hexdigest()})
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over the processes in one collective (what DDP does for the module it wraps)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(new.view_as(g))
 
 
 def validate_images(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker, step: int) -> None:
@@ -346,7 +388,7 @@ def run_trial(
     except ConfigError as e:
         metrics.update(status="failed", reason=str(e))
         log.error("trial failed: %s", e)
-        atomic_write_json(trial_dir / "metrics.json", metrics)
+        _write_metrics(trial_dir, metrics)
         return metrics
     metrics["config_fingerprint"] = config_fingerprint(cfg)
     if kept := finished_result(trial_dir, metrics["config_fingerprint"]):
@@ -355,9 +397,22 @@ def run_trial(
     if reason := prune_reason(cfg):
         metrics.update(status="pruned", reason=reason)
         log.warning("trial pruned: %s", reason)
-        atomic_write_json(trial_dir / "metrics.json", metrics)
+        _write_metrics(trial_dir, metrics)
         return metrics
     return _train_and_record(cfg, trial_dir, metrics, group, trial_number)
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-process launch of one trial (torchrun, `accelerate launch`,
+    mpirun), read as accelerate reads it; 0 when launched plainly. Only rank 0 writes files."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
+
+
+def _write_metrics(trial_dir: Path, metrics: dict) -> None:
+    if process_rank() == 0:
+        atomic_write_json(trial_dir / "metrics.json", metrics)
 
 
 def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: str | None, trial_number: int) -> dict:
@@ -365,10 +420,12 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
     s: Setup | None = None
     memory: MemoryMeter | None = None
     tracker: Tracker = Tracker()
+    main = process_rank() == 0  # the other processes of a multi-process trial train, and write nothing
     try:
         memory = MemoryMeter(models.resolve_device(cfg.device, trial_number))
-        tracker = make_tracker(cfg, trial_dir, metrics["choices"],
-                               group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
+        if main:
+            tracker = make_tracker(cfg, trial_dir, metrics["choices"],
+                                   group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
         s = setup(cfg, trial_number)
         s.memory = memory
         metrics.update(
@@ -378,13 +435,14 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             total_params=sum(adapters.count_parameters(m, trainable=False) for m in s.components.modules().values()),
         )
         metrics.update(train(cfg, s, trial_dir, tracker))
-        adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
-                                            _unwrapped_modules(s))
-        metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
-        # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
-        from .evaluate import evaluate_trial
+        if main:
+            adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
+                                                _unwrapped_modules(s))
+            metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
+            # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
+            from .evaluate import evaluate_trial
 
-        metrics.update(evaluate_trial(cfg, trial_dir, s.components))
+            metrics.update(evaluate_trial(cfg, trial_dir, s.components))
         metrics["status"] = "finished"
     except KeyboardInterrupt:
         metrics.update(status="interrupted", reason="KeyboardInterrupt")
@@ -401,7 +459,9 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         if memory is not None:
             metrics.update(memory.summary_mb())
         metrics["wall_s"] = time.perf_counter() - started
-        atomic_write_json(trial_dir / "metrics.json", metrics)
+        _write_metrics(trial_dir, metrics)
+        if s is not None and metrics["status"] != "interrupted":
+            s.accelerator.wait_for_everyone()  # a multi-process trial ends when its files are written
         tracker.summary({k: v for k, v in metrics.items() if k not in ("losses", "traceback")})
         tracker.finish(failed=metrics["status"] != "finished")
         _release(s)
