@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import adapters, cache, models, objectives
+from . import adapters, cache, early_stop, models, objectives
 from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .conditioning import encode_text, prompt_embeddings, sdxl_time_ids
 from .config import ConfigError, validate
@@ -226,6 +226,7 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
     # DDP averages the gradients of the unet it wraps; the text encoders' adapters are averaged here
     unsynced = [p for name, p in s.trainable.items() if not name.startswith("unet.")] if world > 1 else []
     trace: dict | None = {"rank": rank, "keys": [], "losses": []} if cfg.debug.trace_data else None
+    checks, stop = early_stop.check_steps(cfg), None
     pending: list[torch.Tensor] = []  # per-step losses still on the device
     smoothed = state.losses[-1] if state.losses else None
     speed = SpeedMeter(cfg.tracking.warmup_steps, samples_per_step)
@@ -307,14 +308,20 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
             save_checkpoint(checkpoint_root, state, s.trainable, s.optimizer, cfg.train.checkpoints_keep)
         if done == cfg.debug.raise_at_step:
             raise RuntimeError(f"debug.raise_at_step={done}: simulated crash")
+        if checks and checks[0] <= len(state.losses) and (stop := _early_stop(cfg, s, trial_dir, state.losses, checks)):
+            log.warning("%s", stop.reason())
+            break
 
     if profiler is not None:
         finish_profiler(profiler, trial_dir, tracker)
     if trace is not None:
         _write_trace(trial_dir, trace, s.trainable)
     finite = [v for v in state.losses if math.isfinite(v)]  # skipped NaN steps stay in the curve only
+    stopped = {"reason": stop.reason(), "early_stopped_at_step": stop.step, "steps_saved": stop.steps_saved,
+               "early_stop": stop.__dict__} if stop else {}
     return {
         "steps": max_steps,
+        **stopped,
         "processes": world,
         "resumed_from_step": resumed_from,
         "train_s": state.elapsed_s + time.perf_counter() - started,
@@ -324,6 +331,22 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
         "final_loss": finite[-1] if finite else None,
         "mean_loss": sum(finite) / len(finite) if finite else None,
     }
+
+
+def _early_stop(cfg: DictConfig, s: Setup, trial_dir: Path, losses: list[float],
+                checks: list[int]) -> early_stop.Stop | None:
+    """Take the check steps the loss history has reached; the first that stops the trial, or None.
+    The main process reads the peers and decides for all processes, which must stop together."""
+    stop = None
+    while stop is None and checks and checks[0] <= len(losses):
+        step = checks.pop(0)
+        if s.accelerator.is_main_process:
+            stop = early_stop.verdict(cfg, trial_dir, losses, step)
+    if s.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        stop = broadcast_object_list([stop])[0]
+    return stop
 
 
 def _write_trace(trial_dir: Path, trace: dict, trainable: dict[str, torch.nn.Parameter]) -> None:
@@ -435,6 +458,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             total_params=sum(adapters.count_parameters(m, trainable=False) for m in s.components.modules().values()),
         )
         metrics.update(train(cfg, s, trial_dir, tracker))
+        stopped = "early_stopped_at_step" in metrics  # kept (its adapter too), but not worth evaluating
         if main:
             adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
                                                 _unwrapped_modules(s))
@@ -442,8 +466,9 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
             from .evaluate import evaluate_trial
 
-            metrics.update(evaluate_trial(cfg, trial_dir, s.components))
-        metrics["status"] = "finished"
+            if not stopped:
+                metrics.update(evaluate_trial(cfg, trial_dir, s.components))
+        metrics["status"] = "pruned" if stopped else "finished"
     except KeyboardInterrupt:
         metrics.update(status="interrupted", reason="KeyboardInterrupt")
         raise
@@ -463,7 +488,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         if s is not None and metrics["status"] != "interrupted":
             s.accelerator.wait_for_everyone()  # a multi-process trial ends when its files are written
         tracker.summary({k: v for k, v in metrics.items() if k not in ("losses", "traceback")})
-        tracker.finish(failed=metrics["status"] != "finished")
+        tracker.finish(failed=metrics["status"] not in ("finished", "pruned"))
         _release(s)
     return metrics
 
