@@ -46,7 +46,7 @@ class SweepSummary(Callback):
             planned = sum(m.get("steps") or 0 for _, m in trials if m.get("status") == "finished") + sum(
                 m["steps"] for m in stopped)
             saved = sum(m["steps_saved"] for m in stopped)
-            lines.append(f"  early stopping (sweep.early_stop) stopped {len(stopped)} trials: {saved} of "
+            lines.append(f"  early stopping (sweep.early_stop) stopped {len(stopped)} trial{'s' * (len(stopped) > 1)}: {saved} of "
                          f"{planned} training steps saved ({saved / max(planned, 1):.0%})")
         for line in lines:
             (log.error if failed else log.info)(line)
