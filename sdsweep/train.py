@@ -15,6 +15,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -72,11 +73,15 @@ def build_optimizer(cfg: DictConfig, groups: list[dict], device: torch.device) -
 
 def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
     from diffusers.optimization import get_scheduler
 
     device = models.resolve_device(cfg.device, trial_number)
-    # under `accelerate launch` / torchrun this joins the other processes of the trial (DDP)
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    # under `accelerate launch` / torchrun this joins the other processes of the trial (DDP). They
+    # wait for the main one while it downloads the base, fills the cache, or samples validation
+    # images: far longer than the default collective timeout (10 min with nccl)
+    accelerator = Accelerator(cpu=device.type == "cpu",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
     torch.manual_seed(cfg.seed)
     # the main process builds tiny models, data and cache entries first; the others then read them
     with accelerator.main_process_first():
@@ -484,9 +489,9 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         if memory is not None:
             metrics.update(memory.summary_mb())
         metrics["wall_s"] = time.perf_counter() - started
+        # the other processes of a multi-process trial leave without waiting for rank 0's adapter,
+        # evaluation and metrics.json (no collective follows; the launcher waits for every process)
         _write_metrics(trial_dir, metrics)
-        if s is not None and metrics["status"] != "interrupted":
-            s.accelerator.wait_for_everyone()  # a multi-process trial ends when its files are written
         tracker.summary({k: v for k, v in metrics.items() if k not in ("losses", "traceback")})
         tracker.finish(failed=metrics["status"] not in ("finished", "pruned"))
         _release(s)
