@@ -8,8 +8,9 @@ finished had at that very step, and stops when it is worse than their median (Go
 2017, Google Vizier's median stopping rule; Optuna's MedianPruner).
 
 Peers are the sibling trial folders of the sweep (their metrics.json, status `finished`, same
-`train.max_steps`): trials that ran earlier with the basic launcher, or earlier batches of the
-joblib/submitit launchers. Trials running at the same time do not see each other.
+`train.max_steps`, same `model` and `data` in their .hydra/config.yaml): trials that ran earlier
+with the basic launcher, or earlier batches of the joblib/submitit launchers. Trials running at
+the same time do not see each other.
 
 Comparing training losses across configurations is only meaningful within one sweep: every trial
 of a seed sees the same images, noise and timesteps at each step, so the loss differences are the
@@ -26,7 +27,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+COMPARABLE = ("model", "data")
+"""Config nodes a peer must share: another model or data set has another loss scale altogether."""
 
 
 @dataclass
@@ -65,8 +69,23 @@ def window_mean(losses: list, step: int, window: int) -> float | None:
     return sum(part) / len(part)
 
 
-def peer_losses(trial_dir: Path, step: int, max_steps: int, window: int) -> list[float]:
-    """The smoothed losses at `step` of the finished trials of the same sweep (none outside a sweep)."""
+def _trained_on(cfg: DictConfig) -> dict:
+    nodes = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in COMPARABLE}
+    nodes["model"].pop("cache_dir", None)  # where it is stored, not what is trained
+    nodes["data"].pop("num_workers", None)
+    return nodes
+
+
+def _peer_trained_on(folder: Path) -> dict | None:
+    try:
+        return _trained_on(OmegaConf.load(folder / ".hydra" / "config.yaml"))
+    except Exception:  # noqa: BLE001 - no or unreadable config: not a peer
+        return None
+
+
+def peer_losses(trial_dir: Path, step: int, max_steps: int, window: int, trained_on: dict) -> list[float]:
+    """The smoothed losses at `step` of the finished trials of the same sweep that trained the same
+    model on the same data (`trained_on`); none outside a sweep."""
     trial_dir = Path(trial_dir)
     sweep = trial_dir.parent
     if not (sweep / "multirun.yaml").exists():  # a single run: its siblings are unrelated runs
@@ -79,7 +98,8 @@ def peer_losses(trial_dir: Path, step: int, max_steps: int, window: int) -> list
             m = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if m.get("status") == "finished" and m.get("steps") == max_steps:
+        if (m.get("status") == "finished" and m.get("steps") == max_steps
+                and _peer_trained_on(path.parent) == trained_on):
             value = window_mean(m.get("losses") or [], step, window)
             if value is not None:
                 values.append(value)
@@ -90,7 +110,7 @@ def verdict(cfg: DictConfig, trial_dir: Path, losses: list[float], step: int) ->
     """A Stop when this trial's smoothed loss at `step` is worse than its peers' median (times 1 + margin)."""
     es = cfg.sweep.early_stop
     mine = window_mean(losses, step, es.window)
-    peers = peer_losses(trial_dir, step, cfg.train.max_steps, es.window)
+    peers = peer_losses(trial_dir, step, cfg.train.max_steps, es.window, _trained_on(cfg))
     if mine is None or len(peers) < es.min_trials:
         return None
     median = statistics.median(peers)

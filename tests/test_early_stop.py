@@ -8,14 +8,17 @@ import json
 import pytest
 from conftest import cli_env
 from helpers import run_cli
+from omegaconf import OmegaConf
 
-from sdsweep.early_stop import check_steps, peer_losses, verdict, window_mean
+from sdsweep.early_stop import _trained_on, check_steps, peer_losses, verdict, window_mean
 
 
-def _trial(sweep, name, losses, status="finished", steps=None):
+def _trial(sweep, name, cfg, losses, status="finished", steps=None):
+    """A finished (or other) trial folder as a sweep leaves it: metrics.json and .hydra/config.yaml."""
     folder = sweep / name
-    folder.mkdir(parents=True)
+    (folder / ".hydra").mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({"status": status, "steps": steps or len(losses), "losses": losses}))
+    OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
     return folder
 
 
@@ -42,11 +45,13 @@ def test_the_smoothed_loss_is_the_mean_of_the_window_up_to_the_step():
 
 
 def test_a_trial_worse_than_the_median_of_its_finished_peers_stops(sweep, es_cfg):
-    _trial(sweep, "a", [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
-    _trial(sweep, "b", [1.0, 0.9, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
-    _trial(sweep, "c", [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], status="failed")  # not a peer
-    _trial(sweep, "d", [9.0] * 16)  # another train.max_steps: not a peer
-    _trial(sweep, "e", [9.0, 9.0], status="pruned")  # stopped trials are not peers either
+    _trial(sweep, "a", es_cfg, [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    _trial(sweep, "b", es_cfg, [1.0, 0.9, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    _trial(sweep, "c", es_cfg, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], status="failed")  # not a peer
+    _trial(sweep, "d", es_cfg, [9.0] * 16)  # another train.max_steps: not a peer
+    _trial(sweep, "e", es_cfg, [9.0, 9.0], status="pruned")  # stopped trials are not peers either
+    other_data = OmegaConf.merge(es_cfg, {"data": {"resolution": 32}})
+    _trial(sweep, "f", other_data, [9.0] * 8)  # trained on other data: another loss scale
     me = sweep / "me"
     stop = verdict(es_cfg, me, [1.0, 1.2, 1.4, 1.6], step=4)
     assert stop is not None and (stop.step, stop.peers, stop.steps_saved) == (4, 2, 4)
@@ -56,14 +61,14 @@ def test_a_trial_worse_than_the_median_of_its_finished_peers_stops(sweep, es_cfg
 
 
 def test_no_stop_without_enough_peers_or_outside_a_sweep(tmp_path, sweep, es_cfg, make_cfg):
-    _trial(sweep, "a", [1.0] * 8)
+    _trial(sweep, "a", es_cfg, [1.0] * 8)
     assert verdict(es_cfg, sweep / "me", [5.0] * 4, step=4) is None  # 1 finished peer < min_trials=2
     lone = make_cfg("sweep.early_stop.enabled=true", "sweep.early_stop.min_trials=1", steps=8)
     assert verdict(lone, sweep / "me", [5.0] * 4, step=4) is not None
     single = tmp_path / "outputs"  # single runs side by side are not a sweep
-    _trial(single, "a", [1.0] * 8)
-    _trial(single, "b", [1.0] * 8)
-    assert peer_losses(single / "me", 4, 8, 2) == []
+    _trial(single, "a", es_cfg, [1.0] * 8)
+    _trial(single, "b", es_cfg, [1.0] * 8)
+    assert peer_losses(single / "me", 4, 8, 2, _trained_on(es_cfg)) == []
 
 
 def test_bad_early_stop_settings_are_refused(make_cfg):
