@@ -22,9 +22,11 @@ _single_run_status: list[str] = []
 def trial(cfg: DictConfig) -> float | None:
     from pathlib import Path
 
-    from .train import run_trial
+    from .train import process_rank, run_trial
 
     _quiet_libraries()  # again here: joblib and submitit run trials in fresh processes
+    if process_rank() > 0:  # one trial on several processes: rank 0 speaks for all of them
+        logging.getLogger().setLevel(logging.WARNING)
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
     # one W&B group per sweep (or per single run), named after its folder
@@ -59,6 +61,9 @@ def main() -> None:
 
     _quiet_libraries()
     sys.argv[1:] = _expand_resume(sys.argv[1:])
+    if problem := _multiprocess_problem(sys.argv[1:]):
+        print(f"sdsweep: {problem}", file=sys.stderr)
+        sys.exit(2)
     if _is_multirun(sys.argv[1:]):
         from .sweep import preflight
 
@@ -72,6 +77,23 @@ def main() -> None:
     trial()  # hydra.main parses sys.argv
     failed = callbacks.FAILED_TRIALS if callbacks.SWEEP_DONE else _single_run_status.count("failed")
     sys.exit(1 if failed else 0)
+
+
+def _multiprocess_problem(args: list[str]) -> str | None:
+    """One trial on several processes (`accelerate launch --multi_gpu`, torchrun) needs every process
+    to run hydra.main into the same folder: the default one is named after the second it starts in."""
+    from accelerate.utils import get_int_from_env
+
+    world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    if world < 2:
+        return None
+    if _is_multirun(args):
+        return (f"launched as {world} processes, which train one trial together: run a sweep (-m) with "
+                "plain `python -m sdsweep -m ...` (hydra/launcher=parallel puts trials on several GPUs)")
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        return (f"launched as {world} processes: give them one folder with hydra.run.dir=DIR, e.g. "
+                "accelerate launch --multi_gpu --num_processes 2 -m sdsweep hydra.run.dir=runs/my-style ...")
+    return None
 
 
 def _is_multirun(args: list[str]) -> bool:

@@ -42,6 +42,12 @@ class SweepSummary(Callback):
             lines.append(f"  FAILED {d.name}: {m.get('reason')}")
         for d, m in pruned:
             lines.append(f"  PRUNED {d.name}: {m.get('reason')}")
+        if stopped := [m for _, m in pruned if m.get("steps_saved")]:
+            planned = sum(m.get("steps") or 0 for _, m in trials if m.get("status") == "finished") + sum(
+                m["steps"] for m in stopped)
+            saved = sum(m["steps_saved"] for m in stopped)
+            lines.append(f"  early stopping (sweep.early_stop) stopped {len(stopped)} trial{'s' * (len(stopped) > 1)}: {saved} of "
+                         f"{planned} training steps saved ({saved / max(planned, 1):.0%})")
         for line in lines:
             (log.error if failed else log.info)(line)
         write_leaderboard(sweep_dir, config)

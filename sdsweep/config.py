@@ -259,6 +259,23 @@ class TrackingConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """The median stopping rule (sdsweep/early_stop.py): a trial of a sweep whose smoothed training
+    loss at a check step is worse than the median of the finished trials' at that step stops there
+    (status pruned, adapter saved, not evaluated)."""
+
+    enabled: bool = False
+    at: list[float] = field(default_factory=lambda: [0.5])
+    """Check steps, as fractions of train.max_steps (0.5: half-way)."""
+    min_trials: int = 2
+    """Finished trials of the sweep needed before any trial is stopped."""
+    window: int = 5
+    """Steps the smoothed loss averages over (those up to the check step)."""
+    margin: float = 0.0
+    """Stop only when the loss exceeds the median by this fraction (0.1: 10% worse)."""
+
+
+@dataclass
 class SweepConfig:
     """How the cells of a sweep run; never changes what a trial trains (left out of its fingerprint)."""
 
@@ -266,6 +283,7 @@ class SweepConfig:
     """Trials that run one after another in one process (Hydra's basic launcher) reuse the frozen
     base model loaded by the previous trial when model, precision and device are the same, and
     swap only the adapter: loading SDXL costs 35-120 s on a T4. False reloads it for every trial."""
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
     vram_budget_gb: float | None = 16.0
     """GiB of GPU memory a trial may need (16: a T4). A cell whose predicted need (sdsweep/estimate.py:
@@ -281,6 +299,9 @@ class DebugConfig:
     """Replace the loss with NaN at this step (-1: never)."""
     raise_at_step: int = -1
     """Raise RuntimeError at this step, after any checkpoint of that step (-1: never)."""
+    trace_data: bool = False
+    """Every process writes debug/rank-N.json: the (image, draw) keys it trained on, its per-step
+    losses and a checksum of its trained weights (shows how a multi-process trial shares the data)."""
 
 
 @dataclass
@@ -431,6 +452,12 @@ def validate(cfg: DictConfig | Config) -> None:
     budget = cfg.sweep.vram_budget_gb
     if budget is not None and budget < 0:
         p.append(f"sweep.vram_budget_gb={budget}: must be >= 0 (GiB of GPU memory; 0 or null: no budget)")
+    es = cfg.sweep.early_stop
+    if es.enabled and (not es.at or any(not 0.0 < f < 1.0 for f in es.at)):
+        p.append(f"sweep.early_stop.at={list(es.at)}: give fractions of train.max_steps in (0, 1), e.g. [0.5]")
+    if es.min_trials < 1 or es.window < 1 or es.margin < 0:
+        p.append(f"sweep.early_stop: min_trials={es.min_trials} and window={es.window} must be >= 1, "
+                 f"margin={es.margin} >= 0")
     if p:
         raise ConfigError(p)
 

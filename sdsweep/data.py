@@ -336,6 +336,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         view = self.view(key)
         record = self.records[view.index]
         item = {
+            "key": torch.tensor(key),  # (image, draw): which sample this is (debug.trace_data)
             "caption": view.caption,
             "original_size": torch.tensor((record.height, record.width)),
             "crop_top_left": torch.tensor(view.crop_top_left),
@@ -430,12 +431,35 @@ def load_dataset(cfg: DataConfig, cache_dir: str) -> tuple[CaptionedImages, Scan
     return CaptionedImages(report.records, cfg), report
 
 
-def make_loader(dataset: CaptionedImages, batch_size: int, seed: int, start_sample: int, num_workers: int):
+class Shard(torch.utils.data.Sampler):
+    """One process's share of an endless sampler under a multi-process launch (one trial on
+    several GPUs): of every `world` consecutive groups of `group` items (a global micro-batch),
+    the `rank`-th. The processes draw disjoint samples, and together exactly the samples (with
+    the same crops, flips and caption dropout) that one process with `world` times the batch
+    would draw, so a resumed trial resumes at the same sample however it was launched."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, group: int, rank: int, world: int):
+        self.sampler, self.group, self.rank, self.world = sampler, group, rank, world
+
+    def __iter__(self):
+        for i, item in enumerate(self.sampler):
+            if (i // self.group) % self.world == self.rank:
+                yield item
+
+
+def make_loader(dataset: CaptionedImages, batch_size: int, seed: int, start_sample: int, num_workers: int,
+                rank: int = 0, world: int = 1):
+    """Endless batches of `batch_size` from global sample `start_sample` on; with `world` > 1
+    processes, this process's share of each global batch of `batch_size * world` samples."""
     common = dict(collate_fn=collate, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=num_workers > 0)
     if dataset.cfg.buckets:
-        sampler = BucketBatchSampler(dataset.targets, batch_size, seed, start_sample)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=StepSampler(len(dataset), seed, start_sample), drop_last=True, **common
-    )
+        # a bucket sampler yields whole batches: each process takes every world-th one
+        batches = BucketBatchSampler(dataset.targets, batch_size, seed, start_sample)
+        if world > 1:
+            batches = Shard(batches, 1, rank, world)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **common)
+    sampler = StepSampler(len(dataset), seed, start_sample)
+    if world > 1:
+        sampler = Shard(sampler, batch_size, rank, world)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **common)

@@ -65,11 +65,13 @@ def pipeline_class(family: str):
 
 def resolve_device(name: str, trial_number: int = 0) -> torch.device:
     """`auto`: CUDA when present; with several GPUs, trial N gets GPU N mod count, so trials
-    run in parallel (hydra/launcher=parallel) each have a GPU of their own."""
+    run in parallel (hydra/launcher=parallel) each have a GPU of their own; one trial launched
+    on several GPUs (`accelerate launch`, torchrun) uses the GPU of each process's LOCAL_RANK."""
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        return torch.device("cuda", trial_number % torch.cuda.device_count())
+        index = int(os.environ.get("LOCAL_RANK", trial_number))
+        return torch.device("cuda", index % torch.cuda.device_count())
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={name} but torch sees no CUDA GPU: use device=cpu or device=auto")
     return torch.device(name)

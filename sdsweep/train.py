@@ -15,12 +15,13 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import adapters, cache, kept_base, models, objectives
+from . import adapters, cache, early_stop, kept_base, models, objectives
 from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .conditioning import encode_text, prompt_embeddings, sdxl_time_ids
 from .config import ConfigError, validate
@@ -77,34 +78,42 @@ def build_optimizer(cfg: DictConfig, groups: list[dict], device: torch.device) -
 
 def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
     from diffusers.optimization import get_scheduler
 
     device = models.resolve_device(cfg.device, trial_number)
     if device.type == "cuda" and device.index is not None:
         # accelerate places models on the *current* CUDA device: make it this trial's GPU
         torch.cuda.set_device(device)
+    # under `accelerate launch` / torchrun this joins the other processes of the trial (DDP). They
+    # wait for the main one while it downloads the base, fills the cache, or samples validation
+    # images: far longer than the default collective timeout (10 min with nccl)
+    accelerator = Accelerator(cpu=device.type == "cpu",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    # data first: a folder without captions should fail in a second, not after loading SDXL
-    dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
-    timings["data_s"], clock = time.perf_counter() - clock, time.perf_counter()
-    components, reused = kept_base.acquire(cfg, device)
-    timings["load_s"], clock = time.perf_counter() - clock, time.perf_counter()
-    report.truncated_captions = count_long_captions(dataset.records, components.tokenizers)
-    mp = cfg.precision.mixed_precision
-    autocast_dtype = None if mp == "no" else models.DTYPES[mp]
-    # before any adapter is attached: the cache keys hash the frozen modules as loaded
-    data_report = report.summary()
-    # the encoders fill the cache with the denoiser parked in CPU memory: at 1024 px the fp32 VAE's
-    # activations would otherwise sit on top of SDXL's UNet (bitsandbytes layers stay where they are)
-    park = cfg.cache.enabled and device.type == "cuda" and cfg.precision.quantize == "none"
-    if park:
-        components.unet.to("cpu")
-    data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
-    if park:
-        components.unet.to(device)
-    timings["cache_s"] = time.perf_counter() - clock
+    # the main process builds tiny models, data and cache entries first; the others then read them
+    with accelerator.main_process_first():
+        # data first: a folder without captions should fail in a second, not after loading SDXL
+        dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
+        timings["data_s"], clock = time.perf_counter() - clock, time.perf_counter()
+        components, reused = kept_base.acquire(cfg, device)
+        timings["load_s"], clock = time.perf_counter() - clock, time.perf_counter()
+        report.truncated_captions = count_long_captions(dataset.records, components.tokenizers)
+        mp = cfg.precision.mixed_precision
+        autocast_dtype = None if mp == "no" else models.DTYPES[mp]
+        # before any adapter is attached: the cache keys hash the frozen modules as loaded
+        data_report = report.summary()
+        # the encoders fill the cache with the denoiser parked in CPU memory: at 1024 px the fp32 VAE's
+        # activations would otherwise sit on top of SDXL's UNet (bitsandbytes layers stay where they are)
+        park = cfg.cache.enabled and device.type == "cuda" and cfg.precision.quantize == "none"
+        if park:
+            components.unet.to("cpu")
+        data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
+        if park:
+            components.unet.to(device)
+        timings["cache_s"] = time.perf_counter() - clock
     offloaded = offload_cached_encoders(cfg, components, data_report["cache"], device)
 
     # adapter initialisation depends on the seed alone, not on what set-up drew before it
@@ -150,7 +159,6 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     # accelerate silently turns fp16 off on a CPU, and precision=fp16 must mean fp16 everywhere.
     # accelerate still owns device placement, multi-GPU (DDP) and gradient-accumulation syncs.
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")
-    accelerator = Accelerator(cpu=device.type == "cpu")
     components.unet, optimizer = accelerator.prepare(components.unet, optimizer)
     # run_trial replaces this meter with one started before set-up, so the peak covers loading too
     return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler,
@@ -258,26 +266,35 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
         resumed_from = state.step
         log.info("resuming from %s at step %d", existing[-1].name, state.step)
 
-    samples_per_step = cfg.train.batch_size * accum
+    # train.batch_size is per process (as in diffusers' scripts): with N processes a step trains
+    # on batch_size x grad_accum x N samples, each process on its own share of them
+    rank, world, main = s.accelerator.process_index, s.accelerator.num_processes, s.accelerator.is_main_process
+    samples_per_step = cfg.train.batch_size * accum * world
     loader = make_loader(s.dataset, cfg.train.batch_size, cfg.seed, state.step * samples_per_step,
-                         cfg.data.num_workers)
+                         cfg.data.num_workers, rank, world)
     batches = iter(loader)
     unet = s.components.unet
     params = list(s.trainable.values())
+    # DDP averages the gradients of the unet it wraps; the text encoders' adapters are averaged here
+    unsynced = [p for name, p in s.trainable.items() if not name.startswith("unet.")] if world > 1 else []
+    trace: dict | None = {"rank": rank, "keys": [], "losses": []} if cfg.debug.trace_data else None
+    checks, stop = early_stop.check_steps(cfg), None
     pending: list[torch.Tensor] = []  # per-step losses still on the device
     smoothed = state.losses[-1] if state.losses else None
     speed = SpeedMeter(cfg.tracking.warmup_steps, samples_per_step)
     speed.start(state.step)
     started = time.perf_counter()
-    profiler = make_profiler(cfg, trial_dir)
+    profiler = make_profiler(cfg, trial_dir) if main else None
 
     for step in range(state.step, max_steps):
-        # every random draw of a step (noise, timesteps, dropout) depends only on (seed, step),
-        # so a resumed trial reproduces an uninterrupted one
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        # every random draw of a step (noise, timesteps, dropout) depends only on (seed, step) and
+        # the process's rank, so a resumed trial reproduces an uninterrupted one
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
         step_loss = torch.zeros((), device=s.device)
         for micro in range(accum):
             batch = next(batches)
+            if trace is not None:
+                trace["keys"] += batch["key"].tolist()
             sync = s.accelerator.no_sync(unet) if micro < accum - 1 else nullcontext()
             with sync:
                 loss = diffusion_loss(s, cfg, batch)
@@ -285,7 +302,10 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
                     loss = loss * float("nan")
                 s.scaler.scale(loss / accum).backward()
             step_loss += loss.detach() / accum
-        if cfg.train.nan_policy == "skip" and not torch.isfinite(step_loss):
+        if trace is not None:
+            trace["losses"].append(step_loss.item())
+        _average_gradients(unsynced, world)
+        if cfg.train.nan_policy == "skip" and not torch.isfinite(step_loss if world == 1 else s.accelerator.reduce(step_loss)):
             # drop this step's update; data and schedule move on as if it had happened
             state.skipped_steps.append(step + 1)
             log.warning("step %d: loss is %s, update skipped (%d of train.max_nan_skips=%d)", step + 1,
@@ -310,7 +330,9 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
 
         # loss.item() every step would sync the GPU each step: check and log every log_every
         if done % cfg.train.log_every == 0 or done == max_steps:
-            values = torch.stack(pending).tolist()
+            values = torch.stack(pending)
+            # the loss of the trial is the mean over its processes (one collective per log, not per step)
+            values = (values if world == 1 else s.accelerator.reduce(values, "mean")).tolist()
             first_step = done - len(values) + 1
             first_bad = next((i for i, (v, _) in enumerate(values)
                               if not math.isfinite(v) and first_step + i not in state.skipped_steps), None)
@@ -328,9 +350,9 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
             pending.clear()
             log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.2f it/s", done, max_steps, values[-1][0],
                      values[-1][1], lrs[0], figures["perf/it_per_s"])
-        if cfg.tracking.validation_every and (done % cfg.tracking.validation_every == 0 or done == max_steps):
+        if main and cfg.tracking.validation_every and (done % cfg.tracking.validation_every == 0 or done == max_steps):
             validate_images(cfg, s, trial_dir, tracker, done)
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not pending:
+        if main and cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not pending:
             state.step = done
             state.elapsed_s += time.perf_counter() - started
             started = time.perf_counter()
@@ -338,12 +360,21 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
             save_checkpoint(checkpoint_root, state, s.trainable, s.optimizer, cfg.train.checkpoints_keep)
         if done == cfg.debug.raise_at_step:
             raise RuntimeError(f"debug.raise_at_step={done}: simulated crash")
+        if checks and checks[0] <= len(state.losses) and (stop := _early_stop(cfg, s, trial_dir, state.losses, checks)):
+            log.warning("%s", stop.reason())
+            break
 
     if profiler is not None:
         finish_profiler(profiler, trial_dir, tracker)
+    if trace is not None:
+        _write_trace(trial_dir, trace, s.trainable)
     finite = [v for v in state.losses if math.isfinite(v)]  # skipped NaN steps stay in the curve only
+    stopped = {"reason": stop.reason(), "early_stopped_at_step": stop.step, "steps_saved": stop.steps_saved,
+               "early_stop": stop.__dict__} if stop else {}
     return {
         "steps": max_steps,
+        **stopped,
+        "processes": world,
         "resumed_from_step": resumed_from,
         "train_s": state.elapsed_s + time.perf_counter() - started,
         **speed.summary(),
@@ -352,6 +383,45 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
         "final_loss": finite[-1] if finite else None,
         "mean_loss": sum(finite) / len(finite) if finite else None,
     }
+
+
+def _early_stop(cfg: DictConfig, s: Setup, trial_dir: Path, losses: list[float],
+                checks: list[int]) -> early_stop.Stop | None:
+    """Take the check steps the loss history has reached; the first that stops the trial, or None.
+    The main process reads the peers and decides for all processes, which must stop together."""
+    stop = None
+    while stop is None and checks and checks[0] <= len(losses):
+        step = checks.pop(0)
+        if s.accelerator.is_main_process:
+            stop = early_stop.verdict(cfg, trial_dir, losses, step)
+    if s.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        stop = broadcast_object_list([stop])[0]
+    return stop
+
+
+def _write_trace(trial_dir: Path, trace: dict, trainable: dict[str, torch.nn.Parameter]) -> None:
+    """debug.trace_data: what this process trained on, and a checksum of the weights it ended with."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(trainable):
+        digest.update(name.encode())
+        digest.update(trainable[name].detach().float().cpu().numpy().tobytes())
+    atomic_write_json(trial_dir / "debug" / f"rank-{trace['rank']}.json", {**trace, "weights_sha256": digest.hexdigest()})
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over the processes in one collective (what DDP does for the module it wraps)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(new.view_as(g))
 
 
 def validate_images(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker, step: int) -> None:
@@ -393,7 +463,7 @@ def run_trial(
     except ConfigError as e:
         metrics.update(status="failed", reason=str(e))
         log.error("trial failed: %s", e)
-        atomic_write_json(trial_dir / "metrics.json", metrics)
+        _write_metrics(trial_dir, metrics)
         return metrics
     metrics["config_fingerprint"] = config_fingerprint(cfg)
     if kept := finished_result(trial_dir, metrics["config_fingerprint"]):
@@ -404,9 +474,22 @@ def run_trial(
     if reason := prune_reason(cfg):
         metrics.update(status="pruned", reason=reason)
         log.warning("trial pruned: %s", reason)
-        atomic_write_json(trial_dir / "metrics.json", metrics)
+        _write_metrics(trial_dir, metrics)
         return metrics
     return _train_and_record(cfg, trial_dir, metrics, group, trial_number)
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-process launch of one trial (torchrun, `accelerate launch`,
+    mpirun), read as accelerate reads it; 0 when launched plainly. Only rank 0 writes files."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
+
+
+def _write_metrics(trial_dir: Path, metrics: dict) -> None:
+    if process_rank() == 0:
+        atomic_write_json(trial_dir / "metrics.json", metrics)
 
 
 def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: str | None, trial_number: int) -> dict:
@@ -415,10 +498,12 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
     memory: MemoryMeter | None = None
     tracker: Tracker = Tracker()
     clean = False
+    main = process_rank() == 0  # the other processes of a multi-process trial train, and write nothing
     try:
         memory = MemoryMeter(models.resolve_device(cfg.device, trial_number))
-        tracker = make_tracker(cfg, trial_dir, metrics["choices"],
-                               group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
+        if main:
+            tracker = make_tracker(cfg, trial_dir, metrics["choices"],
+                                   group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
         s = setup(cfg, trial_number)
         s.memory = memory
         metrics.update(
@@ -430,22 +515,25 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             offloaded_during_training=s.offloaded,
         )
         metrics.update(train(cfg, s, trial_dir, tracker))
-        clock = time.perf_counter()
-        adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
-                                            _unwrapped_modules(s))
-        metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
-        metrics["save_s"] = time.perf_counter() - clock
+        stopped = "early_stopped_at_step" in metrics  # kept (its adapter too), but not worth evaluating
+        if main:
+            clock = time.perf_counter()
+            adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
+                                                _unwrapped_modules(s))
+            metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
+            metrics["save_s"] = time.perf_counter() - clock
         # the peak of training alone; evaluation (sampling, CLIP) is measured on its own below
         metrics.update(memory.summary_mb())
         _free_training_state(s)
-        # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
-        from .evaluate import evaluate_trial
+        if main and not stopped:
+            # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
+            from .evaluate import evaluate_trial
 
-        eval_memory = MemoryMeter(s.device)
-        metrics.update(evaluate_trial(cfg, trial_dir, s.components))
-        if cfg.eval.enabled:
-            metrics["eval_peak_memory_mb"] = eval_memory.summary_mb()["peak_memory_mb"]
-        metrics["status"] = "finished"
+            eval_memory = MemoryMeter(s.device)
+            metrics.update(evaluate_trial(cfg, trial_dir, s.components))
+            if cfg.eval.enabled:
+                metrics["eval_peak_memory_mb"] = eval_memory.summary_mb()["peak_memory_mb"]
+        metrics["status"] = "pruned" if stopped else "finished"
         clean = "eval_error" not in metrics
     except KeyboardInterrupt:
         metrics.update(status="interrupted", reason="KeyboardInterrupt")
@@ -462,9 +550,11 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         if memory is not None and "peak_memory_mb" not in metrics:
             metrics.update(memory.summary_mb())
         metrics["wall_s"] = time.perf_counter() - started
-        atomic_write_json(trial_dir / "metrics.json", metrics)
+        # the other processes of a multi-process trial leave without waiting for rank 0's adapter,
+        # evaluation and metrics.json (no collective follows; the launcher waits for every process)
+        _write_metrics(trial_dir, metrics)
         tracker.summary({k: v for k, v in metrics.items() if k not in ("losses", "traceback")})
-        tracker.finish(failed=metrics["status"] != "finished")
+        tracker.finish(failed=metrics["status"] not in ("finished", "pruned"))
         _release(cfg, s, clean)
     return metrics
 

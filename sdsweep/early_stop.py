@@ -1,0 +1,119 @@
+"""Early stopping of hopeless trials: the median stopping rule, on the training loss.
+
+Hydra's sweepers launch each trial as one call and cannot stop it half-way (Optuna's pruners
+need the objective to report intermediate values from inside the study), so a trial checks
+itself: at each check step (`sweep.early_stop.at`, fractions of `train.max_steps`), it compares
+its smoothed training loss with the smoothed losses the trials of the same sweep that already
+finished had at that very step, and stops when it is worse than their median (Golovin et al.
+2017, Google Vizier's median stopping rule; Optuna's MedianPruner).
+
+Peers are the sibling trial folders of the sweep (their metrics.json, status `finished`, same
+`train.max_steps`, same `model` and `data` in their .hydra/config.yaml): trials that ran earlier
+with the basic launcher, or earlier batches of the joblib/submitit launchers. Trials running at
+the same time do not see each other.
+
+Comparing training losses across configurations is only meaningful within one sweep: every trial
+of a seed sees the same images, noise and timesteps at each step, so the loss differences are the
+configurations' and not the sampling's; a window mean (`sweep.early_stop.window`) smooths what noise
+is left. A low training loss does not guarantee the best images: stopping is for trials that are
+clearly behind (raise `margin` to stop only those).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+COMPARABLE = ("model", "data")
+"""Config nodes a peer must share: another model or data set has another loss scale altogether."""
+
+
+@dataclass
+class Stop:
+    """Why a trial was stopped: its figures at the check step, and its peers'."""
+
+    step: int
+    max_steps: int
+    loss: float
+    median: float
+    peers: int
+
+    @property
+    def steps_saved(self) -> int:
+        return self.max_steps - self.step
+
+    def reason(self) -> str:
+        return (f"stopped early at step {self.step} of {self.max_steps} (sweep.early_stop): smoothed loss "
+                f"{self.loss:.4g} > median {self.median:.4g} of {self.peers} finished trials at that step; "
+                f"{self.steps_saved} steps saved")
+
+
+def check_steps(cfg: DictConfig) -> list[int]:
+    """The steps at which this trial is checked, ascending (none when early stopping is off)."""
+    es, n = cfg.sweep.early_stop, cfg.train.max_steps
+    if not es.enabled or n < 2:
+        return []
+    return sorted({min(max(1, round(f * n)), n - 1) for f in es.at})
+
+
+def window_mean(losses: list, step: int, window: int) -> float | None:
+    """The mean loss of the `window` steps up to `step` (1-based); None if not all there and finite."""
+    part = losses[max(0, step - window):step]
+    if len(losses) < step or not part or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in part):
+        return None
+    return sum(part) / len(part)
+
+
+def _trained_on(cfg: DictConfig) -> dict:
+    nodes = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in COMPARABLE}
+    nodes["model"].pop("cache_dir", None)  # where it is stored, not what is trained
+    nodes["data"].pop("num_workers", None)
+    return nodes
+
+
+def _peer_trained_on(folder: Path) -> dict | None:
+    try:
+        return _trained_on(OmegaConf.load(folder / ".hydra" / "config.yaml"))
+    except Exception:  # noqa: BLE001 - no or unreadable config: not a peer
+        return None
+
+
+def peer_losses(trial_dir: Path, step: int, max_steps: int, window: int, trained_on: dict) -> list[float]:
+    """The smoothed losses at `step` of the finished trials of the same sweep that trained the same
+    model on the same data (`trained_on`); none outside a sweep."""
+    trial_dir = Path(trial_dir)
+    sweep = trial_dir.parent
+    if not (sweep / "multirun.yaml").exists():  # a single run: its siblings are unrelated runs
+        return []
+    values = []
+    for path in sorted(sweep.glob("*/metrics.json")):
+        if path.parent == trial_dir:
+            continue
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if (m.get("status") == "finished" and m.get("steps") == max_steps
+                and _peer_trained_on(path.parent) == trained_on):
+            value = window_mean(m.get("losses") or [], step, window)
+            if value is not None:
+                values.append(value)
+    return values
+
+
+def verdict(cfg: DictConfig, trial_dir: Path, losses: list[float], step: int) -> Stop | None:
+    """A Stop when this trial's smoothed loss at `step` is worse than its peers' median (times 1 + margin)."""
+    es = cfg.sweep.early_stop
+    mine = window_mean(losses, step, es.window)
+    peers = peer_losses(trial_dir, step, cfg.train.max_steps, es.window, _trained_on(cfg))
+    if mine is None or len(peers) < es.min_trials:
+        return None
+    median = statistics.median(peers)
+    if mine > median * (1 + es.margin):
+        return Stop(step, cfg.train.max_steps, mine, median, len(peers))
+    return None
