@@ -211,8 +211,14 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """Vocabulary, merges, normalisation: what maps a caption to ids. Not the fast tokenizer's
+    truncation and padding state, which every call with truncation=True/padding= rewrites (a base
+    model kept from the previous trial has a used tokenizer; its ids are the same)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    if backend is not None:
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
     return _hash(type(tokenizer).__name__, tokenizer.model_max_length, str(tokenizer.pad_token), spec)
 
 

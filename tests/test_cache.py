@@ -20,14 +20,16 @@ def make_cfg(make_cfg):
 
 @pytest.fixture
 def vae_calls(monkeypatch):
-    """Counts calls of the VAE encoder (every AutoencoderKL)."""
+    """Counts images the VAE encoder (every AutoencoderKL) really encodes; the memory estimator's
+    trace of an encoding on the meta device computes nothing and is not counted."""
     from diffusers import AutoencoderKL
 
     calls = []
     original = AutoencoderKL.encode
 
     def counting(self, *args, **kwargs):
-        calls.append(args[0].shape[0] if args else None)
+        if not (args and args[0].device.type == "meta"):
+            calls.append(args[0].shape[0] if args else None)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "encode", counting)
@@ -204,3 +206,15 @@ def test_another_vae_or_dtype_is_another_namespace(make_cfg):
     assert cache.latent_namespace(components.vae) != before
     components.vae.half()
     assert cache.latent_namespace(components.vae) not in (before,)
+
+
+def test_a_used_tokenizer_keeps_its_fingerprint(make_cfg):
+    """The kept base hands the next trial tokenizers that have tokenized; their cache namespace stays."""
+    from sdsweep import kept_base
+    from sdsweep.cache import tokenizer_fingerprint
+
+    components, _ = kept_base.acquire(make_cfg(), torch.device("cpu"))
+    tokenizer = components.tokenizers[0]
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(["a caption"], padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
+    assert tokenizer_fingerprint(tokenizer) == before

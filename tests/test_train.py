@@ -67,9 +67,10 @@ def test_quantized_base_trains_on_gpu(make_cfg, tmp_path, option):
 
 
 def _trainable_counts(make_cfg, *overrides) -> dict[str, int]:
-    s = setup(make_cfg(*overrides))
+    cfg = make_cfg(*overrides)
+    s = setup(cfg)
     counts = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in s.components.modules().items()}
-    train_mod._release(s)
+    train_mod._release(cfg, s, clean=True)  # adapters stripped: the next count starts from the bare base
     return counts
 
 
