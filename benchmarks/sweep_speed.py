@@ -55,7 +55,7 @@ def compose(overrides: list[str]):
 
 def run_mode(mode: str, cells: list[list[str]], common: list[str], root: Path) -> list[dict]:
     from sdsweep import kept_base
-    from sdsweep.train import run_trial
+    from sdsweep.trial import run_trial
 
     kept_base.drop()
     rows = []

@@ -22,7 +22,7 @@ _single_run_status: list[str] = []
 def trial(cfg: DictConfig) -> float | None:
     from pathlib import Path
 
-    from .train import process_rank, run_trial
+    from .trial import process_rank, run_trial
 
     _quiet_libraries()  # again here: joblib and submitit run trials in fresh processes
     if process_rank() > 0:  # one trial on several processes: rank 0 speaks for all of them

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdsweep import adapters, models
-from sdsweep.train import run_trial
+from sdsweep.trial import run_trial
 
 
 def _sample(pipe, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from sdsweep import cache
 from sdsweep.cache import EntryStore, decode_entry, encode_entry, fill
-from sdsweep.train import run_trial
+from sdsweep.trial import run_trial
 
 
 @pytest.fixture

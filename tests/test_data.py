@@ -24,7 +24,8 @@ from sdsweep.data import (
     nearest_bucket,
     scan_folder,
 )
-from sdsweep.train import run_trial, sdxl_time_ids
+from sdsweep.train import sdxl_time_ids
+from sdsweep.trial import run_trial
 
 
 @pytest.fixture

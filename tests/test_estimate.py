@@ -12,7 +12,7 @@ from sdsweep import adapters, estimate
 from sdsweep.architectures import family_components
 from sdsweep.estimate import _CudaOps, _LiveBytes, estimate_peak, meta_modules
 from sdsweep.sweep import prune_reason
-from sdsweep.train import run_trial
+from sdsweep.trial import run_trial
 
 GIB = 2**30
 

@@ -18,7 +18,7 @@ from PIL import Image
 from sdsweep import evaluate
 from sdsweep import metrics as M
 from sdsweep.config import ConfigError, validate
-from sdsweep.train import run_trial
+from sdsweep.trial import run_trial
 
 
 def _images(n: int, seed: int, size: int = 48) -> list[Image.Image]:
@@ -286,7 +286,7 @@ def test_the_leaderboard_and_report_of_a_real_sweep(mini_sweep):
 
 def test_every_family_is_sampled_and_scored_through_its_own_pipeline(make_cfg, tmp_path):
     """SD3 samples through StableDiffusion3Pipeline (transformer, flow matching, shifted VAE latents)."""
-    from sdsweep.train import run_trial
+    from sdsweep.trial import run_trial
 
     metrics = run_trial(make_cfg("model=tiny-sd3", "tracking.validation_every=2", steps=2), tmp_path / "trial")
     assert metrics["status"] == "finished" and "eval_error" not in metrics, metrics.get("eval_error")

@@ -13,7 +13,7 @@ from sdsweep import adapters, models
 from sdsweep.conditioning import encode_text, prompt_embeddings
 from sdsweep.config import ConfigError, TrainConfig, validate
 from sdsweep.objectives import ddpm_loss, flow_matching_loss
-from sdsweep.train import run_trial
+from sdsweep.trial import run_trial
 
 
 @pytest.fixture

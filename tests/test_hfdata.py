@@ -10,7 +10,7 @@ from PIL import Image
 
 from sdsweep.config import DataConfig
 from sdsweep.data import DataError, load_dataset
-from sdsweep.train import run_trial
+from sdsweep.trial import run_trial
 
 
 @pytest.fixture

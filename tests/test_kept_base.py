@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdsweep import kept_base, models
-from sdsweep.train import run_trial
+from sdsweep.trial import run_trial
 
 NO_EVAL = "eval.enabled=false"
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from sdsweep import train as train_mod
-from sdsweep.train import run_trial, setup, train
+from sdsweep import trial as trial_mod
+from sdsweep.train import setup, train
+from sdsweep.trial import run_trial
 
 TRAINABLE_OPTIONS = [
     ("adapter", "lora"), ("adapter", "dora"), ("adapter", "loha"), ("adapter", "lokr"),
@@ -70,7 +72,7 @@ def _trainable_counts(make_cfg, *overrides) -> dict[str, int]:
     cfg = make_cfg(*overrides)
     s = setup(cfg)
     counts = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in s.components.modules().items()}
-    train_mod._release(cfg, s, clean=True)  # adapters stripped: the next count starts from the bare base
+    trial_mod._release(cfg, s, clean=True)  # adapters stripped: the next count starts from the bare base
     return counts
 
 

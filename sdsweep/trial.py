@@ -1,0 +1,187 @@
+"""One trial, start to end: check, train, save the adapter, evaluate, and always leave a metrics.json.
+
+`run_trial` never raises for a trial's own failure (bad config, NaN, out of memory, any
+exception, even `sys.exit`): it records `status: failed` with the reason and frees what the
+trial held, because Hydra's basic launcher runs every cell of a sweep in one process and
+the next cell must start clean. Only Ctrl-C (KeyboardInterrupt) is passed on. A cell that
+finished before with the same config is kept, one that cannot run here is pruned, and the
+base model of a trial that ended cleanly is kept loaded for the next one (kept_base.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from . import adapters, kept_base, models
+from . import train as training
+from .config import ConfigError, validate
+from .estimate import estimate_peak
+from .io import atomic_write_json
+from .meters import MemoryMeter
+from .sweep import config_fingerprint, finished_result, prune_reason
+from .tracking import Tracker, make_tracker
+
+log = logging.getLogger(__name__)
+
+def run_trial(
+    cfg: DictConfig,
+    trial_dir: Path,
+    choices: dict | None = None,
+    overrides: list[str] | None = None,
+    group: str | None = None,
+    trial_number: int = 0,
+) -> dict:
+    """Train one cell of the matrix in `trial_dir`; return (and write) its metrics.json.
+
+    A cell that already finished with the same config (a resumed sweep) is kept as it is; a
+    cell that cannot run on this machine is recorded as pruned without loading anything.
+    """
+    trial_dir = Path(trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {"choices": choices or {}, "overrides": list(overrides or []), "status": "running"}
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        metrics.update(status="failed", reason=str(e))
+        log.error("trial failed: %s", e)
+        _write_metrics(trial_dir, metrics)
+        return metrics
+    metrics["config_fingerprint"] = config_fingerprint(cfg)
+    if kept := finished_result(trial_dir, metrics["config_fingerprint"]):
+        log.info("%s already finished with this config: kept as it is", trial_dir)
+        return kept
+    # the prediction is recorded for every trial (a CPU run too), before anything is loaded
+    metrics.update(estimate_peak(cfg).metrics())
+    if reason := prune_reason(cfg):
+        metrics.update(status="pruned", reason=reason)
+        log.warning("trial pruned: %s", reason)
+        _write_metrics(trial_dir, metrics)
+        return metrics
+    return _train_and_record(cfg, trial_dir, metrics, group, trial_number)
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-process launch of one trial (torchrun, `accelerate launch`,
+    mpirun), read as accelerate reads it; 0 when launched plainly. Only rank 0 writes files."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
+
+
+def _write_metrics(trial_dir: Path, metrics: dict) -> None:
+    if process_rank() == 0:
+        atomic_write_json(trial_dir / "metrics.json", metrics)
+
+
+def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: str | None, trial_number: int) -> dict:
+    started = time.perf_counter()
+    s: training.Setup | None = None
+    memory: MemoryMeter | None = None
+    tracker: Tracker = Tracker()
+    clean = False
+    main = process_rank() == 0  # the other processes of a multi-process trial train, and write nothing
+    try:
+        memory = MemoryMeter(models.resolve_device(cfg.device, trial_number))
+        if main:
+            tracker = make_tracker(cfg, trial_dir, metrics["choices"],
+                                   group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
+        s = training.setup(cfg, trial_number)
+        s.memory = memory
+        metrics.update(
+            device=str(s.device),
+            data=s.data_report,
+            trainable_params=sum(p.numel() for p in s.trainable.values()),
+            total_params=sum(adapters.count_parameters(m, trainable=False) for m in s.components.modules().values()),
+            **s.timings,
+            offloaded_during_training=s.offloaded,
+        )
+        metrics.update(training.train(cfg, s, trial_dir, tracker))
+        stopped = "early_stopped_at_step" in metrics  # kept (its adapter too), but not worth evaluating
+        if main:
+            clock = time.perf_counter()
+            adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
+                                                _unwrapped_modules(s))
+            metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
+            metrics["save_s"] = time.perf_counter() - clock
+        # the peak of training alone; evaluation (sampling, CLIP) is measured on its own below
+        metrics.update(memory.summary_mb())
+        _free_training_state(s)
+        if main and not stopped:
+            # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
+            from .evaluate import evaluate_trial
+
+            eval_memory = MemoryMeter(s.device)
+            metrics.update(evaluate_trial(cfg, trial_dir, s.components))
+            if cfg.eval.enabled:
+                metrics["eval_peak_memory_mb"] = eval_memory.summary_mb()["peak_memory_mb"]
+        metrics["status"] = "pruned" if stopped else "finished"
+        clean = "eval_error" not in metrics
+    except KeyboardInterrupt:
+        metrics.update(status="interrupted", reason="KeyboardInterrupt")
+        raise
+    except torch.cuda.OutOfMemoryError as e:
+        metrics.update(status="failed", reason="out of memory", detail=str(e).splitlines()[0])
+        if memory is not None:
+            metrics["memory_at_failure"] = memory.read()
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: a sys.exit in a trial must not end the sweep
+        metrics.update(status="failed", reason=f"{type(e).__name__}: {e}")
+        metrics["traceback"] = traceback.format_exc(limit=8)
+        log.error("trial failed: %s", metrics["reason"])
+    finally:
+        if memory is not None and "peak_memory_mb" not in metrics:
+            metrics.update(memory.summary_mb())
+        metrics["wall_s"] = time.perf_counter() - started
+        # the other processes of a multi-process trial leave without waiting for rank 0's adapter,
+        # evaluation and metrics.json (no collective follows; the launcher waits for every process)
+        _write_metrics(trial_dir, metrics)
+        tracker.summary({k: v for k, v in metrics.items() if k not in ("losses", "traceback")})
+        tracker.finish(failed=metrics["status"] not in ("finished", "pruned"))
+        _release(cfg, s, clean)
+    return metrics
+
+
+def _unwrapped_modules(s: training.Setup) -> dict[str, torch.nn.Module]:
+    modules = s.components.modules()
+    modules["unet"] = s.accelerator.unwrap_model(s.components.unet)
+    return modules
+
+
+def _free_training_state(s: training.Setup) -> None:
+    """Optimizer state and gradients leave the GPU before evaluation samples with the same models."""
+    s.optimizer.zero_grad(set_to_none=True)
+    s.optimizer.state.clear()
+    s.accelerator.free_memory()
+    s.components.unet = s.accelerator.unwrap_model(s.components.unet)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    training.restore_offloaded(s)
+
+
+def _release(cfg: DictConfig, s: training.Setup | None, clean: bool) -> None:
+    """Free the trial's optimizer state (and its models, unless kept for the next trial)."""
+    from accelerate.state import AcceleratorState
+
+    if s is not None:
+        s.accelerator.free_memory()
+        components = s.components
+        if components is not None:
+            components.unet = s.accelerator.unwrap_model(components.unet)
+        s.components = s.optimizer = s.trainable = None  # type: ignore[assignment]
+        try:
+            kept_base.give_back(cfg, components, s.device, clean)
+        except Exception as e:  # noqa: BLE001 - never fail a finished trial for this: reload next time
+            log.warning("the base model could not be kept for the next trial (%s); it will be reloaded", e)
+            kept_base.drop()
+        del components
+    AcceleratorState._reset_state(reset_partial_state=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
