@@ -4,7 +4,8 @@ Hydra composes each cell only when its job starts, so a typo in the fourth cell 
 surface after three trials have trained. `preflight` composes every cell first (with
 Hydra's own override parser and the basic sweeper's expansion) and reports every problem
 at once. Cells that are valid but cannot run here (a quantized base without CUDA, bf16 on
-a GPU that only emulates it, an adapter peft cannot put on quantized layers) are not errors:
+a GPU that only emulates it, an adapter peft cannot put on quantized layers, text-encoder
+adapters that the installed transformers refuses with the installed peft) are not errors:
 they are pruned, with their reason in the trial's metrics.json and the sweep summary.
 """
 
@@ -41,9 +42,34 @@ def prune_reason(cfg: DictConfig) -> str | None:
         return (f"precision={pr.name} on {name} (compute capability "
                 f"{'.'.join(map(str, torch.cuda.get_device_capability()))}): bf16 is emulated before Ampere "
                 "(8.0) and runs several times slower; use precision=fp16")
+    if cfg.text_encoder.train and (reason := text_encoder_peft_reason()):
+        return reason
     if cuda:
         return over_budget_reason(cfg)
     return None
+
+
+def text_encoder_peft_reason() -> str | None:
+    """Why transformers refuses adapters on its text encoders with the installed peft, or None.
+
+    transformers checks its own minimum peft version when an adapter is added, not in its package
+    metadata, so pip happily installs a transformers that needs a peft not yet released (5.24 needs
+    peft 0.22). The UNet's adapters are unaffected; only text_encoder=lora cells cannot train."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:  # an older transformers without the constant: its integration takes any peft
+        return None
+    installed = version("peft")
+    if Version(installed) >= Version(MIN_PEFT_VERSION):
+        return None
+    return (f"text_encoder=lora: the installed transformers {version('transformers')} puts adapters on text "
+            f"encoders only with peft>={MIN_PEFT_VERSION}, and peft {installed} is installed; "
+            f"pip install 'peft>={MIN_PEFT_VERSION}' or reinstall sdsweep (pip install -e .), "
+            "whose requirements keep the two compatible")
 
 
 def over_budget_reason(cfg: DictConfig) -> str | None:

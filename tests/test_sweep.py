@@ -46,6 +46,19 @@ def test_cells_that_cannot_run_here_are_pruned_with_a_reason(make_cfg, tmp_path)
     assert not (tmp_path / "adapter").exists()
 
 
+def test_text_encoder_adapters_are_pruned_when_transformers_refuses_the_installed_peft(make_cfg, monkeypatch):
+    """transformers 5.24 needs peft>=0.22 for adapters on its text encoders; with an older peft every
+    text_encoder=lora cell would fail after loading, so it is pruned naming the fix. The UNet's
+    adapters do not go through transformers: text_encoder=frozen cells still run."""
+    import transformers.integrations.peft as transformers_peft
+
+    assert prune_reason(make_cfg("text_encoder=lora")) is None  # the versions pyproject.toml installs agree
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "99.0.0")
+    reason = prune_reason(make_cfg("text_encoder=lora"))
+    assert reason.startswith("text_encoder=lora:") and "pip install 'peft>=99.0.0'" in reason
+    assert prune_reason(make_cfg("text_encoder=frozen")) is None
+
+
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_keeping_finished_trials(cache_dir, tmp_path):
     sweep, env = tmp_path / "sweep", cli_env(cache_dir)
