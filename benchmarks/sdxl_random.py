@@ -38,7 +38,7 @@ class SdxlTrainer:
     """The UNet with its adapter, optimizer and scaler, and one batch of latents and conditioning."""
 
     def __init__(self, cfg, device: torch.device):
-        from sdsweep.train import build_optimizer
+        from sdsweep.train import build_optimizer, compiled
 
         parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()}
         for m in parts.values():
@@ -60,6 +60,8 @@ class SdxlTrainer:
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
+        if cfg.train.compile:
+            self.unet = compiled(self.unet, cfg.train)
         self.params = adapters.trainable_parameters(self.unet)
         self.optimizer = build_optimizer(cfg, [{"params": self.params, "lr": 1e-4}], device)
         self.dtype = models.DTYPES[cfg.precision.mixed_precision]

@@ -3,6 +3,7 @@
     python benchmarks/step_speed.py                  # 512 and 1024 px, checkpointing off and on
     python benchmarks/step_speed.py --cap-gb 16      # under a T4's 16 GB (default)
     python benchmarks/step_speed.py --peak-tflops 65 # the GPU's dense half-precision peak, if not known
+    python benchmarks/step_speed.py --compile        # the same with train.compile=true (inductor)
 
 FLOPs of one step are counted by torch's FlopCounterMode on the meta device (no weights, no GPU):
 forward and backward of SDXL's real UNet with a LoRA adapter, recomputation included when
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--compile", action="store_true", help="train.compile=true: torch.compile the UNet")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     peak = None
@@ -99,7 +101,7 @@ def main() -> None:
     for res in args.resolutions:
         for ckpt in (False, True):
             cfg = compose_cfg(f"precision={args.precision}", f"optimizer={args.optimizer}", f"data.resolution={res}",
-                              f"train.gradient_checkpointing={ckpt}")
+                              f"train.gradient_checkpointing={ckpt}", f"train.compile={args.compile}")
             forward, step = step_flops(cfg)
             line = f"{res:>5} {str(ckpt):>5} {forward / 1e12:>9.2f} {step / 1e12:>10.2f}"
             if cuda:
@@ -112,7 +114,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
             print(line, flush=True)
     print(f"SDXL UNet (2.57 B parameters, random weights), LoRA rank 16 on attention, batch 1, "
-          f"{args.precision}, {args.optimizer}")
+          f"{args.precision}, {args.optimizer}" + (", torch.compile (warm-up steps include compiling)" if args.compile else ""))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 FAMILIES = ("sdxl", "sd15", "sd3")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CROPS = ("center", "random")
 TRACKING_MODES = ("online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16))
@@ -233,6 +234,14 @@ class TrainConfig:
     """stop: a NaN/inf loss fails the trial at once. skip: drop that step's update and go on,
     up to max_nan_skips times (checks every step, which syncs the GPU once per step)."""
     max_nan_skips: int = 10
+    compile: bool = False
+    """torch.compile the denoiser (UNet / SD3 transformer) with its adapter attached: the first step
+    pays for compilation (about a minute for SDXL), later steps run fused kernels. Never changes
+    what is trained; benchmarks/step_speed.py --compile measures what it buys on a GPU."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (torch._dynamo.list_backends()); 'inductor' generates the kernels."""
+    compile_mode: str = "default"
+    """default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs"""
 
 
 @dataclass
@@ -439,6 +448,8 @@ def validate(cfg: DictConfig | Config) -> None:
         p.append(f"train.max_nan_skips={tr.max_nan_skips}: must be >= 0")
     if tr.checkpoints_keep < 1:
         p.append(f"train.checkpoints_keep={tr.checkpoints_keep}: must be >= 1")
+    if tr.compile:
+        _check_compile(p, tr)
     tk = cfg.tracking
     _check_choice(p, "tracking.mode", tk.mode, TRACKING_MODES)
     if not 0.0 <= tk.smoothing < 1.0:
@@ -460,6 +471,16 @@ def validate(cfg: DictConfig | Config) -> None:
                  f"margin={es.margin} >= 0")
     if p:
         raise ConfigError(p)
+
+
+def _check_compile(p: list[str], tr: Any) -> None:
+    import torch._dynamo
+
+    _check_choice(p, "train.compile_mode", tr.compile_mode, COMPILE_MODES)
+    backends = tuple(torch._dynamo.list_backends(exclude_tags=()))
+    if tr.compile_backend not in backends:
+        p.append(f"train.compile_backend={tr.compile_backend!r} is not a torch.compile backend here "
+                 f"(inductor, or one of {', '.join(backends)})")
 
 
 def _validate_eval(p: list[str], e: Any, data_resolution: int) -> None:

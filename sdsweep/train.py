@@ -152,11 +152,26 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
     # accelerate silently turns fp16 off on a CPU, and precision=fp16 must mean fp16 everywhere.
     # accelerate still owns device placement, multi-GPU (DDP) and gradient-accumulation syncs.
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")
+    if cfg.train.compile:
+        components.unet = compiled(components.unet, cfg.train)
     components.unet, optimizer = accelerator.prepare(components.unet, optimizer)
     # run_trial replaces this meter with one started before set-up, so the peak covers loading too
     return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler,
                  accelerator, autocast_dtype, MemoryMeter(device), {**timings, "base_reused": reused},
                  offloaded)
+
+
+def compiled(module: torch.nn.Module, train_cfg: DictConfig) -> torch.nn.Module:
+    """`module` behind torch.compile (train.compile_backend, train.compile_mode). A wrapper, not
+    Module.compile(): the module itself stays plain for saving, evaluation and the next trial, and
+    denoiser() takes the wrapper off with the others."""
+    mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
+    return torch.compile(module, backend=train_cfg.compile_backend, mode=mode)
+
+
+def denoiser(s: Setup) -> torch.nn.Module:
+    """The trial's UNet / SD3 transformer itself, out of what training wraps it in (DDP, torch.compile)."""
+    return s.accelerator.unwrap_model(s.components.unet, keep_torch_compile=False)
 
 
 def offload_cached_encoders(cfg: DictConfig, components: models.Components, cache_report: dict,

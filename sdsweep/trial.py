@@ -149,7 +149,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
 
 def _unwrapped_modules(s: training.Setup) -> dict[str, torch.nn.Module]:
     modules = s.components.modules()
-    modules["unet"] = s.accelerator.unwrap_model(s.components.unet)
+    modules["unet"] = training.denoiser(s)
     return modules
 
 
@@ -158,7 +158,7 @@ def _free_training_state(s: training.Setup) -> None:
     s.optimizer.zero_grad(set_to_none=True)
     s.optimizer.state.clear()
     s.accelerator.free_memory()
-    s.components.unet = s.accelerator.unwrap_model(s.components.unet)
+    s.components.unet = training.denoiser(s)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -173,7 +173,7 @@ def _release(cfg: DictConfig, s: training.Setup | None, clean: bool) -> None:
         s.accelerator.free_memory()
         components = s.components
         if components is not None:
-            components.unet = s.accelerator.unwrap_model(components.unet)
+            components.unet = training.denoiser(s)
         s.components = s.optimizer = s.trainable = None  # type: ignore[assignment]
         try:
             kept_base.give_back(cfg, components, s.device, clean)
@@ -182,6 +182,10 @@ def _release(cfg: DictConfig, s: training.Setup | None, clean: bool) -> None:
             kept_base.drop()
         del components
     AcceleratorState._reset_state(reset_partial_state=True)
+    if cfg.train.compile:
+        # dynamo's caches hold this trial's graphs and count its recompilations: the next trial's
+        # adapter would recompile the same code, and past torch's recompile limit run uncompiled
+        torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
