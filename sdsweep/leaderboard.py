@@ -250,12 +250,19 @@ COLUMNS = ["rank", "config", "status", "composite", "composite_std", "pareto", "
            *GROUPS]
 
 
+class NoTrials(ValueError):
+    """The folder holds no trial of a sweep: there is nothing to rank."""
+
+
 def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(leaderboard by configuration, one row per trial), both ranked and ordered, from the folders alone.
 
     `weights`: the composite's; None reads those the sweep ran with (see `sweep_weights`)."""
     weights = {**default_weights(), **(sweep_weights(sweep_dir) if weights is None else weights)}
     trials = [trial_row(d, m) for d, m in read_trials(Path(sweep_dir))]
+    if not trials:
+        raise NoTrials(f"{sweep_dir} holds no trial folders (no */metrics.json): give the folder a sweep "
+                       "wrote, e.g. multirun/<date>/<time>, the one `python -m sdsweep -m ...` printed at the end")
     rows = base_rows(sweep_dir, trials) + trials
     add_composite(rows, weights)
     labels = short_labels(list(dict.fromkeys(r["config_key"] for r in rows)))
@@ -373,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         if key not in weights:
             parser.error(f"--weight {item}: unknown metric {key!r} (one of {', '.join(weights)})")
         weights[key] = float(value)
-    write_all(args.sweep_dir, weights)
+    try:
+        write_all(args.sweep_dir, weights)
+    except NoTrials as e:
+        parser.error(str(e))
     return 0
 
 

@@ -173,6 +173,16 @@ def test_rebuilding_from_the_folders_gives_the_same_csv(sweep, capsys):
     assert (sweep / "leaderboard.csv").read_bytes() != first
 
 
+def test_a_folder_without_trials_is_refused_naming_the_folder_to_give(tmp_path, capsys):
+    (tmp_path / "not-a-trial").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        leaderboard.main([str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds no trial folders" in err and "multirun/<date>/<time>" in err
+    assert not (tmp_path / "leaderboard.csv").exists()
+
+
 def test_the_report_shows_the_grid_first_and_holds_every_trial(sweep):
     write_all(sweep, echo=False)
     page = (sweep / "report.html").read_text()
