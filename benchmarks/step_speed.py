@@ -7,7 +7,8 @@
 
 FLOPs of one step are counted by torch's FlopCounterMode on the meta device (no weights, no GPU):
 forward and backward of SDXL's real UNet with a LoRA adapter, recomputation included when
-gradient checkpointing is on. On a CUDA GPU the steps then run for real (benchmarks/sdxl_random.py,
+gradient checkpointing is on, and what the VAE and text encoders would add to each step without
+the feature cache (as in diffusers' train_text_to_image_lora_sdxl.py / DreamBooth-LoRA scripts). On a CUDA GPU the steps then run for real (benchmarks/sdxl_random.py,
 placed as the trainer places them) under `torch.cuda.set_per_process_memory_fraction(cap)`, and
 MFU = FLOPs per step x steps per second / the GPU's peak. Without CUDA: FLOPs only.
 """
@@ -47,6 +48,24 @@ def step_flops(cfg) -> tuple[float, float]:
     with FlopCounterMode(display=False) as whole:
         unet(*args, added_cond_kwargs=added).sample.float().pow(2).mean().backward()
     return forward.get_total_flops(), whole.get_total_flops()
+
+
+def encoder_flops(resolution: int, batch: int) -> float:
+    """FLOPs a step spends outside the UNet when nothing is cached, as diffusers' SDXL LoRA script
+    runs it: the VAE encodes the batch and both text encoders encode its captions (77 tokens)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdsweep.architectures import family_components, instantiate
+
+    with torch.device("meta"):
+        parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()
+                 if name != "unet"}
+    ids = torch.zeros(batch, 77, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        parts["vae"].encode(torch.randn(batch, 3, resolution, resolution, device="meta"))
+        parts["text_encoder"](ids, output_hidden_states=True)
+        parts["text_encoder_2"](ids, output_hidden_states=True)
+    return counter.get_total_flops()
 
 
 def gpu_peak_tflops(override: float | None) -> float | None:
@@ -96,14 +115,16 @@ def main() -> None:
         print(f"{torch.cuda.get_device_name()}, capped at {args.cap_gb:g} GiB, peak {peak} TFLOPS")
     else:
         print("no CUDA GPU here: FLOPs only")
-    print(f"{'res':>5} {'ckpt':>5} {'fwd TFLOP':>9} {'step TFLOP':>10}"
+    print(f"{'res':>5} {'ckpt':>5} {'fwd TFLOP':>9} {'step TFLOP':>10} {'uncached +':>10}"
           + (f" {'it/s':>6} {'s/step':>7} {'peak GiB':>8} {'MFU':>6}" if cuda else ""))
     for res in args.resolutions:
+        encoders = encoder_flops(res, 1)
         for ckpt in (False, True):
             cfg = compose_cfg(f"precision={args.precision}", f"optimizer={args.optimizer}", f"data.resolution={res}",
                               f"train.gradient_checkpointing={ckpt}", f"train.compile={args.compile}")
             forward, step = step_flops(cfg)
-            line = f"{res:>5} {str(ckpt):>5} {forward / 1e12:>9.2f} {step / 1e12:>10.2f}"
+            # "uncached +": what running the VAE and text encoders every step would add to it
+            line = f"{res:>5} {str(ckpt):>5} {forward / 1e12:>9.2f} {step / 1e12:>10.2f} {encoders / step:>10.0%}"
             if cuda:
                 try:
                     rate, gib = measure(cfg, args.steps, args.warmup)
@@ -113,6 +134,8 @@ def main() -> None:
                     line += f"  out of memory under {args.cap_gb:g} GiB"
                     torch.cuda.empty_cache()
             print(line, flush=True)
+    print("uncached +: the FLOPs of the VAE encoding and both text encoders, which diffusers' SDXL LoRA script "
+          "runs every step and sdsweep's feature cache runs once per image, as a share of the UNet step")
     print(f"SDXL UNet (2.57 B parameters, random weights), LoRA rank 16 on attention, batch 1, "
           f"{args.precision}, {args.optimizer}" + (", torch.compile (warm-up steps include compiling)" if args.compile else ""))
 
