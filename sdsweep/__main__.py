@@ -38,8 +38,8 @@ def trial(cfg: DictConfig) -> float | None:
     if metrics["status"] == "finished":
         log.info("trial finished: final loss %.4f in %.1f s -> %s", metrics["final_loss"], metrics["wall_s"],
                  hc.runtime.output_dir)
-    else:
-        log.error("trial %s: %s", metrics["status"], metrics.get("reason"))
+    else:  # run_trial logged the reason when it happened
+        log.error("trial %s (reason above) -> %s", metrics["status"], Path(hc.runtime.output_dir) / "metrics.json")
     return metrics.get("final_loss")
 
 
@@ -114,7 +114,11 @@ def _expand_resume(args: list[str]) -> list[str]:
 
     sweep_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
     rest = [a for a in args if not a.startswith("sweep.resume=") and a not in ("-m", "--multirun")]
-    return ["-m", *resume_overrides(sweep_dir, rest)]
+    try:
+        return ["-m", *resume_overrides(sweep_dir, rest)]
+    except FileNotFoundError as e:
+        print(f"sdsweep: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -477,10 +477,9 @@ def _check_compile(p: list[str], tr: Any) -> None:
     import torch._dynamo
 
     _check_choice(p, "train.compile_mode", tr.compile_mode, COMPILE_MODES)
-    backends = tuple(torch._dynamo.list_backends(exclude_tags=()))
-    if tr.compile_backend not in backends:
+    if tr.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):  # debugging ones too
         p.append(f"train.compile_backend={tr.compile_backend!r} is not a torch.compile backend here "
-                 f"(inductor, or one of {', '.join(backends)})")
+                 f"(one of {', '.join(torch._dynamo.list_backends())}, or eager / aot_eager to debug)")
 
 
 def _validate_eval(p: list[str], e: Any, data_resolution: int) -> None:

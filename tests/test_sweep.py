@@ -153,3 +153,12 @@ def test_joblib_and_submitit_local_launchers_give_the_same_leaderboard_as_the_ba
         assert [r["config"] for r in boards[launcher]] == [r["config"] for r in basic], launcher
         for mine, theirs in zip(boards[launcher], basic):
             assert _same_row(mine, theirs), (launcher, {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]})
+
+
+def test_resuming_a_folder_that_is_no_sweep_exits_2_naming_the_fix(tmp_path, capsys):
+    from sdsweep.__main__ import _expand_resume
+
+    with pytest.raises(SystemExit) as exit_:
+        _expand_resume([f"sweep.resume={tmp_path}"])
+    assert exit_.value.code == 2
+    assert "no multirun.yaml there; give the folder of a sweep started with -m" in capsys.readouterr().err
