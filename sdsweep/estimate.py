@@ -437,9 +437,10 @@ def trace_step(cfg, modules: dict[str, torch.nn.Module], trained_encoders: list[
     mp = cfg.precision.mixed_precision
     autocast = None if mp == "no" else {"fp16": torch.float16, "bf16": torch.bfloat16}[mp]
     if cfg.train.gradient_checkpointing:  # as train.setup does, with the call swapped for _checkpoint
-        denoiser.enable_gradient_checkpointing()
-        for te in trained_encoders:
-            te.gradient_checkpointing_enable()
+        from .models import set_checkpointing
+
+        for module in [denoiser, *trained_encoders]:
+            set_checkpointing(module, True)
         for module in [denoiser, *trained_encoders]:
             for m in module.modules():
                 if getattr(m, "gradient_checkpointing", False):

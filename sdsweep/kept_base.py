@@ -79,11 +79,8 @@ def strip_adapters(components: models.Components) -> None:
             del module.peft_config
         if hasattr(module, "_hf_peft_config_loaded"):
             module._hf_peft_config_loaded = False
-        if getattr(module, "is_gradient_checkpointing", False):
-            if hasattr(module, "disable_gradient_checkpointing"):
-                module.disable_gradient_checkpointing()
-            else:
-                module.gradient_checkpointing_disable()
+        if models.is_checkpointing(module):
+            models.set_checkpointing(module, False)
         module.requires_grad_(False)
         module.eval()
         left = [n for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)]

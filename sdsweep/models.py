@@ -251,6 +251,28 @@ def quantize_unet(unet: torch.nn.Module, mode: str, compute_dtype: torch.dtype) 
     return unet.to("cuda")  # bitsandbytes quantizes the weights when they move to the GPU
 
 
+def set_checkpointing(module: torch.nn.Module, on: bool) -> None:
+    """Gradient (activation) checkpointing on or off, for diffusers' and transformers' modules alike.
+
+    diffusers names it enable/disable_gradient_checkpointing; transformers renamed its
+    gradient_checkpointing_enable/disable to activation_checkpointing_* in 5.23, and the old names
+    now warn on every call and go in v6."""
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
+        (module.enable_gradient_checkpointing if on else module.disable_gradient_checkpointing)()
+    elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.23
+        (module.activation_checkpointing_enable if on else module.activation_checkpointing_disable)()
+    else:
+        (module.gradient_checkpointing_enable if on else module.gradient_checkpointing_disable)()
+
+
+def is_checkpointing(module: torch.nn.Module) -> bool:
+    """Whether `module` has checkpointing on (looked up on the class: the old property warns when read)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(module), name):
+            return bool(getattr(module, name))
+    return False
+
+
 def place(components: Components, precision: PrecisionConfig, device: torch.device) -> None:
     """Cast and move every component for training under `precision`.
 

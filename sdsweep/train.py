@@ -119,9 +119,8 @@ def setup(cfg: DictConfig, trial_number: int = 0) -> Setup:
         adapters.attach(te, cfg.adapter, list(cfg.text_encoder.patterns), f"text encoder {i + 1}")
         te.train()  # adapter dropout acts only in training mode (the frozen CLIP has no dropout of its own)
     if cfg.train.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-        for te in trained_encoders:
-            te.gradient_checkpointing_enable()
+        for module in [components.unet, *trained_encoders]:
+            models.set_checkpointing(module, True)
     components.unet.train()
 
     trainable = {
