@@ -5,6 +5,12 @@ Speed and memory do not depend on the weight values, so the benchmarks build SDX
 `train.train` run them: the VAE encodes with the UNet parked in CPU memory (as while the cache
 is filled), then the VAE and text encoders wait in CPU memory (their outputs are cached) while
 the UNet trains under autocast, loss scaling and the trial's optimizer.
+
+`save_random_sdxl` writes the same model as a diffusers folder instead, so that whole trials and
+sweeps (`benchmarks/sweep_speed.py --set model=sdxl model.pretrained=DIR`) load it through the
+`from_pretrained` path that loads stabilityai/stable-diffusion-xl-base-1.0:
+
+    python benchmarks/sdxl_random.py /tmp/sdxl-random      # about 7 GB in fp16
 """
 
 from __future__ import annotations
@@ -32,6 +38,28 @@ def compose_cfg(*overrides: str):
     with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
         return compose(config_name="config", overrides=[
             "model=sdxl", "train.batch_size=1", "adapter.rank=16", "targets=attn", *overrides])
+
+
+def save_random_sdxl(folder: str, dtype: torch.dtype = torch.float16) -> None:
+    """SDXL base's architecture with random weights, its real CLIP tokenizers and training
+    scheduler, saved with `save_pretrained` as a pipeline folder (weights in `dtype`)."""
+    import tempfile
+    from pathlib import Path
+
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    from sdsweep.tiny import save_clip_tokenizer, sd_scheduler
+
+    torch.manual_seed(0)
+    parts = {name: instantiate(cls, config).to(dtype) for name, (cls, config) in family_components("sdxl").items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_clip_tokenizer(Path(tmp) / "tok")
+        save_clip_tokenizer(Path(tmp) / "tok2", pad_token="!")  # SDXL's second tokenizer pads with "!"
+        pipe = StableDiffusionXLPipeline(tokenizer=CLIPTokenizer.from_pretrained(Path(tmp) / "tok"),
+                                         tokenizer_2=CLIPTokenizer.from_pretrained(Path(tmp) / "tok2"),
+                                         scheduler=sd_scheduler(), **parts)
+        pipe.save_pretrained(folder)
 
 
 class SdxlTrainer:
@@ -86,3 +114,12 @@ class SdxlTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save a random-weight SDXL as a diffusers pipeline folder.")
+    parser.add_argument("folder")
+    save_random_sdxl(parser.parse_args().folder)
+    print(f"random-weight SDXL saved in {sys.argv[1]}: model=sdxl model.pretrained={sys.argv[1]}")

@@ -216,7 +216,7 @@ def _sd3_pipeline(tmp: Path, seed: int):
     )
 
 
-def _scheduler():
+def sd_scheduler():
     from diffusers import EulerDiscreteScheduler
 
     # SDXL's and SD1.5's training noise schedule ("scaled_linear", epsilon prediction)
@@ -248,7 +248,7 @@ def build_tiny_pipeline(folder: Path, family: str, seed: int = 0) -> None:
                 tokenizer=tokenizer,
                 tokenizer_2=CLIPTokenizer.from_pretrained(Path(tmp) / "tok2"),
                 unet=_unet(seed + 3, "sdxl"),
-                scheduler=_scheduler(),
+                scheduler=sd_scheduler(),
             )
         elif family == "sd3":
             pipe = _sd3_pipeline(Path(tmp), seed)
@@ -258,7 +258,7 @@ def build_tiny_pipeline(folder: Path, family: str, seed: int = 0) -> None:
                 text_encoder=_text_encoder(seed + 1, with_projection=False),
                 tokenizer=tokenizer,
                 unet=_unet(seed + 3, "sd15"),
-                scheduler=_scheduler(),
+                scheduler=sd_scheduler(),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
