@@ -441,7 +441,6 @@ def trace_step(cfg, modules: dict[str, torch.nn.Module], trained_encoders: list[
 
         for module in [denoiser, *trained_encoders]:
             set_checkpointing(module, True)
-        for module in [denoiser, *trained_encoders]:
             for m in module.modules():
                 if getattr(m, "gradient_checkpointing", False):
                     m._gradient_checkpointing_func = _checkpoint

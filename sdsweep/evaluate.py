@@ -328,7 +328,7 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
     from .io import atomic_dir
 
     if components is None:
-        components = models.load_components(cfg.model)
+        components = models.load_components(cfg.model, cfg.precision)
         models.place(components, cfg.precision, models.resolve_device(cfg.device))
     pipe = build_pipeline(components)
     device = _denoiser(pipe).device

@@ -44,7 +44,7 @@ def acquire(cfg: DictConfig, device: torch.device) -> tuple[models.Components, b
         _kept.clear()  # handed out: until given back clean, nothing is kept
         return components, True
     drop()
-    components = models.load_components(cfg.model)
+    components = models.load_components(cfg.model, cfg.precision)
     models.place(components, cfg.precision, device)
     return components, False
 

@@ -79,6 +79,22 @@ def test_t5_is_never_stored_in_fp16(make_cfg):
     assert c.text_encoders[0].dtype == torch.float16 and c.text_encoders[2].dtype == torch.bfloat16
 
 
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3"])
+def test_a_model_is_read_straight_into_the_dtypes_it_is_trained_in(make_cfg, model):
+    """Loading with the precision halves the host memory of a half-precision trial (no fp32 copy first)
+    and gives the very weights a fp32 load cast down would: the files are read once, cast once."""
+    cfg = make_cfg(f"model={model}", "precision=fp16")
+    direct = models.load_components(cfg.model, cfg.precision)
+    assert direct.unet.dtype == torch.float16 and direct.vae.dtype == torch.float32
+    assert [te.dtype for te in direct.text_encoders] == (
+        [torch.float16, torch.float16, torch.bfloat16] if model == "tiny-sd3" else [torch.float16] * 2)
+    cast = models.load_components(cfg.model)
+    models.place(cast, cfg.precision, torch.device("cpu"))
+    for name, module in direct.modules().items():
+        theirs = cast.modules()[name].state_dict()
+        for key, tensor in module.state_dict().items():
+            assert tensor.dtype == theirs[key].dtype and torch.equal(tensor, theirs[key]), (name, key)
 # --- targets ---------------------------------------------------------------------------------------
 
 

@@ -22,9 +22,9 @@ def _count_loads(monkeypatch) -> list[int]:
     calls = [0]
     real = models.load_components
 
-    def counting(cfg):
+    def counting(*args):
         calls[0] += 1
-        return real(cfg)
+        return real(*args)
 
     monkeypatch.setattr(models, "load_components", counting)
     return calls
