@@ -7,9 +7,10 @@ Runs the same matrix twice, in this one process, the way Hydra's basic launcher 
   reference  what running a reference training script once per cell does: the VAE and
              text encoders run on every step, and every trial loads the model.
 
-Prints each trial's wall time split into data, load, cache, train, save, base sampling,
-sampling and scoring, with steps/s, images/s and peak memory; then per sweep the total,
-the share spent in training steps, and the ratio between the two modes.
+Prints each trial's wall time split into the memory estimate, data, load, cache, train, save,
+base sampling, sampling, scoring and the rest (set-up of the adapter and optimizer, tracking,
+freeing), with steps/s, images/s and peak memory; then per sweep the total, the share spent in
+training steps, and the ratio between the two modes.
 
     python benchmarks/sweep_speed.py                                   # tiny SDXL on the CPU
     python benchmarks/sweep_speed.py --cells adapter=lora,dora targets=attn,many --steps 50
@@ -37,7 +38,8 @@ MODES = {
     "sdsweep": ["cache.enabled=true", "sweep.keep_base_loaded=true"],
     "reference": ["cache.enabled=false", "sweep.keep_base_loaded=false"],
 }
-PHASES = ["data_s", "load_s", "cache_s", "train_s", "save_s", "eval_base_s", "sample_s", "score_s"]
+PHASES = ["estimate_s", "data_s", "load_s", "cache_s", "train_s", "save_s", "eval_base_s", "sample_s", "score_s",
+          "other_s"]
 
 
 def compose(overrides: list[str]):
@@ -54,6 +56,8 @@ def compose(overrides: list[str]):
 
 
 def run_mode(mode: str, cells: list[list[str]], common: list[str], root: Path) -> list[dict]:
+    from omegaconf import OmegaConf
+
     from sdsweep import kept_base
     from sdsweep.trial import run_trial
 
@@ -61,10 +65,17 @@ def run_mode(mode: str, cells: list[list[str]], common: list[str], root: Path) -
     rows = []
     for i, cell in enumerate(cells):
         overrides = [*MODES[mode], *common, f"cache.dir={root / mode / 'features'}", *cell]
-        metrics = run_trial(compose(overrides), root / mode / f"trial{i}", trial_number=i)
+        cfg = compose(overrides)
+        if i == 0:  # a multirun's folder, as Hydra writes it: the trials share the base model's samples
+            (root / mode).mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, root / mode / "multirun.yaml")
+        started = time.perf_counter()
+        metrics = run_trial(cfg, root / mode / f"trial{i}", trial_number=i)
         if metrics["status"] != "finished":
             sys.exit(f"{mode} trial {cell} {metrics['status']}: {metrics.get('reason')}")
-        rows.append({"cell": " ".join(cell) or "(default)", **metrics})
+        whole = time.perf_counter() - started
+        other = whole - sum(metrics.get(p) or 0.0 for p in PHASES[:-1])
+        rows.append({"cell": " ".join(cell) or "(default)", **metrics, "other_s": other, "trial_s": whole})
     kept_base.drop()
     return rows
 
@@ -75,7 +86,7 @@ def print_trials(mode: str, rows: list[dict]) -> None:
     print(f"\n== {mode}: seconds per phase ==\n{header}")
     for r in rows:
         phases = " ".join(f"{r.get(p) or 0.0:7.2f}" for p in PHASES)
-        print(f"{r['cell'][:34]:34s} {phases} {r['wall_s']:7.2f} {r.get('steps_per_s') or 0:6.2f} "
+        print(f"{r['cell'][:34]:34s} {phases} {r['trial_s']:7.2f} {r.get('steps_per_s') or 0:6.2f} "
               f"{r.get('images_per_s') or 0:6.2f} {r.get(memory) or 0:14.0f}")
 
 

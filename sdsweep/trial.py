@@ -58,7 +58,9 @@ def run_trial(
         log.info("%s already finished with this config: kept as it is", trial_dir)
         return kept
     # the prediction is recorded for every trial (a CPU run too), before anything is loaded
-    metrics.update(estimate_peak(cfg).metrics())
+    clock = time.perf_counter()
+    metrics.update(estimate_peak(cfg).metrics())  # computed once per config and process (preflight's too)
+    metrics["estimate_s"] = time.perf_counter() - clock
     if reason := prune_reason(cfg):
         metrics.update(status="pruned", reason=reason)
         log.warning("trial pruned: %s", reason)
