@@ -146,7 +146,7 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
 
 
-def _text_parts(cfg: ModelConfig, source: str, dtypes: dict | None) -> tuple[list, list]:
+def _text_parts(cfg: ModelConfig, source: str, dtypes: dict) -> tuple[list, list]:
     """(tokenizers, text encoders) of the family, from a diffusers folder or hub id."""
     from transformers import (
         CLIPTextModel,
@@ -158,14 +158,14 @@ def _text_parts(cfg: ModelConfig, source: str, dtypes: dict | None) -> tuple[lis
 
     first = CLIPTextModelWithProjection if cfg.family == "sd3" else CLIPTextModel
     tokenizers = [_load(CLIPTokenizer, source, "tokenizer", cfg)]
-    text, t5 = (dtypes["text"], dtypes["t5"]) if dtypes else (None, None)
+    text = dtypes.get("text")
     encoders = [_load(first, source, "text_encoder", cfg, dtype=text)]
     if cfg.family in ("sdxl", "sd3"):
         tokenizers.append(_load(CLIPTokenizer, source, "tokenizer_2", cfg))
         encoders.append(_load(CLIPTextModelWithProjection, source, "text_encoder_2", cfg, dtype=text))
     if cfg.family == "sd3" and not cfg.drop_t5:
         tokenizers.append(_load(T5Tokenizer, source, "tokenizer_3", cfg))
-        encoders.append(_load(T5EncoderModel, source, "text_encoder_3", cfg, dtype=t5))
+        encoders.append(_load(T5EncoderModel, source, "text_encoder_3", cfg, dtype=dtypes.get("t5")))
     return tokenizers, encoders
 
 
@@ -179,19 +179,19 @@ def _training_scheduler(family: str, config: dict):
     return cls.from_config(config)
 
 
-def _from_pretrained(cfg: ModelConfig, source: str, dtypes: dict | None) -> Components:
+def _from_pretrained(cfg: ModelConfig, source: str, dtypes: dict) -> Components:
+    """`dtypes`: storage_dtypes() to read each component in; {}: as the files say (fp32 in diffusers)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
-    dtype = dtypes.get if dtypes else lambda kind: None
     tokenizers, encoders = _text_parts(cfg, source, dtypes)
     if cfg.vae:  # a separate VAE, e.g. the fp16-fix one: a hub id or a folder, no subfolder
-        vae = _load(AutoencoderKL, os.path.expanduser(cfg.vae), None, dtype=dtype("vae"))
+        vae = _load(AutoencoderKL, os.path.expanduser(cfg.vae), None, dtype=dtypes.get("vae"))
     else:
-        vae = _load(AutoencoderKL, source, "vae", cfg, dtype=dtype("vae"))
+        vae = _load(AutoencoderKL, source, "vae", cfg, dtype=dtypes.get("vae"))
     if cfg.family == "sd3":
-        denoiser = _load(SD3Transformer2DModel, source, "transformer", cfg, dtype=dtype("denoiser"))
+        denoiser = _load(SD3Transformer2DModel, source, "transformer", cfg, dtype=dtypes.get("denoiser"))
     else:
-        denoiser = _load(UNet2DConditionModel, source, "unet", cfg, dtype=dtype("denoiser"))
+        denoiser = _load(UNet2DConditionModel, source, "unet", cfg, dtype=dtypes.get("denoiser"))
     from diffusers import DDPMScheduler
 
     scheduler_config = _load(DDPMScheduler, source, "scheduler", cfg, config_only=True)
@@ -240,7 +240,7 @@ def load_components(cfg: ModelConfig, precision: PrecisionConfig | None = None) 
     if Path(source).is_file():
         components = _from_single_file(cfg, source)
     else:
-        components = _from_pretrained(cfg, source, storage_dtypes(precision) if precision else None)
+        components = _from_pretrained(cfg, source, storage_dtypes(precision) if precision else {})
     components.extra["t5_max_length"] = cfg.t5_max_length
     for module in components.modules().values():
         module.requires_grad_(False)
