@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU half of issue 7 in one run (about 8 minutes on an H100/H200): SDXL-sized (random-weight,
+# The GPU half of issue 7 in one run (sized for 10 minutes on an H100/H200; not yet run): SDXL-sized (random-weight,
 # real-config) LoRA steps at 512 and 1024 px under a 16 GB cap, the memory estimator against the
 # measured peaks, and a 2x2 sweep of whole trials on a random-weight SDXL folder loaded through
 # from_pretrained, with and without the shared cache and the kept base.
