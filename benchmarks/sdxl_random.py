@@ -46,20 +46,12 @@ def save_random_sdxl(folder: str, dtype: torch.dtype = torch.float16) -> None:
     import tempfile
     from pathlib import Path
 
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
-
-    from sdsweep.tiny import save_clip_tokenizer, sd_scheduler
+    from sdsweep.tiny import sdxl_pipeline
 
     torch.manual_seed(0)
     parts = {name: instantiate(cls, config).to(dtype) for name, (cls, config) in family_components("sdxl").items()}
     with tempfile.TemporaryDirectory() as tmp:
-        save_clip_tokenizer(Path(tmp) / "tok")
-        save_clip_tokenizer(Path(tmp) / "tok2", pad_token="!")  # SDXL's second tokenizer pads with "!"
-        pipe = StableDiffusionXLPipeline(tokenizer=CLIPTokenizer.from_pretrained(Path(tmp) / "tok"),
-                                         tokenizer_2=CLIPTokenizer.from_pretrained(Path(tmp) / "tok2"),
-                                         scheduler=sd_scheduler(), **parts)
-        pipe.save_pretrained(folder)
+        sdxl_pipeline(Path(tmp), **parts).save_pretrained(folder)
 
 
 class SdxlTrainer:

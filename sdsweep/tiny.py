@@ -198,9 +198,9 @@ def _sd3_transformer(seed: int):
 
 def _sd3_pipeline(tmp: Path, seed: int):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer, T5Tokenizer
+    from transformers import T5Tokenizer
 
-    save_clip_tokenizer(tmp / "tok2", pad_token="!")  # CLIP-G pads with "!", as in SDXL
+    tokenizer, tokenizer_2 = clip_tokenizers(tmp)
     save_t5_tokenizer(tmp / "tok3")
     tokenizer_3 = T5Tokenizer.from_pretrained(tmp / "tok3")
     return StableDiffusion3Pipeline(
@@ -208,9 +208,9 @@ def _sd3_pipeline(tmp: Path, seed: int):
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3 Medium's
         vae=_sd3_vae(seed),
         text_encoder=_text_encoder(seed + 1, with_projection=True),
-        tokenizer=CLIPTokenizer.from_pretrained(tmp / "tok"),
+        tokenizer=tokenizer,
         text_encoder_2=_text_encoder(seed + 2, with_projection=True),
-        tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tok2"),
+        tokenizer_2=tokenizer_2,
         text_encoder_3=_t5_encoder(seed + 4, len(tokenizer_3)),
         tokenizer_3=tokenizer_3,
     )
@@ -231,32 +231,42 @@ def sd_scheduler():
     )
 
 
-def build_tiny_pipeline(folder: Path, family: str, seed: int = 0) -> None:
-    """Build a tiny `family` pipeline with random weights and `save_pretrained` it."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def clip_tokenizers(tmp: Path) -> tuple:
+    """The CLIP-L and CLIP-G tokenizers (SD1.5 uses the first; SDXL and SD3 both), built in `tmp` from
+    the real BPE vocabulary. CLIP-G pads with "!", as SDXL's and SD3's second tokenizer does."""
     from transformers import CLIPTokenizer
 
+    save_clip_tokenizer(tmp / "tok")
+    save_clip_tokenizer(tmp / "tok2", pad_token="!")
+    return CLIPTokenizer.from_pretrained(tmp / "tok"), CLIPTokenizer.from_pretrained(tmp / "tok2")
+
+
+def sdxl_pipeline(tmp: Path, **modules):
+    """An SDXL pipeline over `modules` (vae, text_encoder, text_encoder_2, unet) with SDXL's two CLIP
+    tokenizers (built in `tmp`) and its training noise schedule."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = clip_tokenizers(tmp)
+    return StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=sd_scheduler(),
+                                     **modules)
+
+
+def build_tiny_pipeline(folder: Path, family: str, seed: int = 0) -> None:
+    """Build a tiny `family` pipeline with random weights and `save_pretrained` it."""
+    from diffusers import StableDiffusionPipeline
+
     with tempfile.TemporaryDirectory() as tmp:
-        save_clip_tokenizer(Path(tmp) / "tok")
-        tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tok")
         if family == "sdxl":
-            save_clip_tokenizer(Path(tmp) / "tok2", pad_token="!")  # SDXL's second tokenizer pads with "!"
-            pipe = StableDiffusionXLPipeline(
-                vae=_vae(seed),
-                text_encoder=_text_encoder(seed + 1, with_projection=False),
-                text_encoder_2=_text_encoder(seed + 2, with_projection=True),
-                tokenizer=tokenizer,
-                tokenizer_2=CLIPTokenizer.from_pretrained(Path(tmp) / "tok2"),
-                unet=_unet(seed + 3, "sdxl"),
-                scheduler=sd_scheduler(),
-            )
+            pipe = sdxl_pipeline(Path(tmp), vae=_vae(seed), text_encoder=_text_encoder(seed + 1, with_projection=False),
+                                 text_encoder_2=_text_encoder(seed + 2, with_projection=True),
+                                 unet=_unet(seed + 3, "sdxl"))
         elif family == "sd3":
             pipe = _sd3_pipeline(Path(tmp), seed)
         elif family == "sd15":
             pipe = StableDiffusionPipeline(
                 vae=_vae(seed),
                 text_encoder=_text_encoder(seed + 1, with_projection=False),
-                tokenizer=tokenizer,
+                tokenizer=clip_tokenizers(Path(tmp))[0],
                 unet=_unet(seed + 3, "sd15"),
                 scheduler=sd_scheduler(),
                 safety_checker=None,
