@@ -27,8 +27,8 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from sdsweep import adapters, models  # noqa: E402
-from sdsweep.architectures import family_components, instantiate  # noqa: E402
-from sdsweep.config import register_configs  # noqa: E402
+from sdsweep.config.schema import register_configs  # noqa: E402
+from sdsweep.model.architectures import family_components, instantiate  # noqa: E402
 
 
 def compose_cfg(*overrides: str):
@@ -46,7 +46,7 @@ def save_random_sdxl(folder: str, dtype: torch.dtype = torch.float16) -> None:
     import tempfile
     from pathlib import Path
 
-    from sdsweep.tiny import sdxl_pipeline
+    from sdsweep.model.tiny import sdxl_pipeline
 
     torch.manual_seed(0)
     parts = {name: instantiate(cls, config).to(dtype) for name, (cls, config) in family_components("sdxl").items()}
@@ -58,7 +58,7 @@ class SdxlTrainer:
     """The UNet with its adapter, optimizer and scaler, and one batch of latents and conditioning."""
 
     def __init__(self, cfg, device: torch.device):
-        from sdsweep.train import build_optimizer, compiled
+        from sdsweep.train.loop import build_optimizer, compiled
 
         parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()}
         for m in parts.values():

@@ -28,8 +28,8 @@ def step_flops(cfg) -> tuple[float, float]:
     """(forward, whole step) FLOPs of the UNet with its adapter, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdsweep import adapters
-    from sdsweep.architectures import family_components, instantiate
+    from sdsweep.model import adapters
+    from sdsweep.model.architectures import family_components, instantiate
 
     cls, config = family_components("sdxl")["unet"]
     with torch.device("meta"):
@@ -55,7 +55,7 @@ def encoder_flops(resolution: int, batch: int) -> float:
     runs it: the VAE encodes the batch and both text encoders encode its captions (77 tokens)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdsweep.architectures import family_components, instantiate
+    from sdsweep.model.architectures import family_components, instantiate
 
     with torch.device("meta"):
         parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()

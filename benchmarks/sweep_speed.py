@@ -47,7 +47,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from sdsweep.config import register_configs
+    from sdsweep.config.schema import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -58,8 +58,8 @@ def compose(overrides: list[str]):
 def run_mode(mode: str, cells: list[list[str]], common: list[str], root: Path) -> list[dict]:
     from omegaconf import OmegaConf
 
-    from sdsweep import kept_base
-    from sdsweep.trial import run_trial
+    from sdsweep.model import kept_base
+    from sdsweep.sweep.trial import run_trial
 
     kept_base.drop()
     rows = []
@@ -108,7 +108,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from sdsweep.__main__ import _quiet_libraries
-    from sdsweep.sweep import expand_cells
+    from sdsweep.sweep.preflight import expand_cells
 
     _quiet_libraries()
     cells = expand_cells(args.cells)

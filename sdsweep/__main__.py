@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import GROUPS, register_configs
+from sdsweep.config.schema import GROUPS, register_configs
 
 register_configs()
 log = logging.getLogger("sdsweep")
@@ -22,7 +22,7 @@ _single_run_status: list[str] = []
 def trial(cfg: DictConfig) -> float | None:
     from pathlib import Path
 
-    from .trial import process_rank, run_trial
+    from sdsweep.sweep.trial import process_rank, run_trial
 
     _quiet_libraries()  # again here: joblib and submitit run trials in fresh processes
     if process_rank() > 0:  # one trial on several processes: rank 0 speaks for all of them
@@ -57,7 +57,7 @@ def _quiet_libraries() -> None:
 def main() -> None:
     # W&B and the hub must never block the embedded default; users opt in with tracking.mode=online
     os.environ.setdefault("WANDB_SILENT", "true")
-    from . import callbacks
+    from sdsweep.sweep import callbacks
 
     _quiet_libraries()
     sys.argv[1:] = _expand_resume(sys.argv[1:])
@@ -65,7 +65,7 @@ def main() -> None:
         print(f"sdsweep: {problem}", file=sys.stderr)
         sys.exit(2)
     if _is_multirun(sys.argv[1:]):
-        from .sweep import preflight
+        from sdsweep.sweep.preflight import preflight
 
         problems = preflight([a for a in sys.argv[1:] if not a.startswith("-")])
         if problems:
@@ -110,7 +110,7 @@ def _expand_resume(args: list[str]) -> list[str]:
         return args
     from pathlib import Path
 
-    from .sweep import resume_overrides
+    from sdsweep.sweep.preflight import resume_overrides
 
     sweep_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
     rest = [a for a in args if not a.startswith("sweep.resume=") and a not in ("-m", "--multirun")]

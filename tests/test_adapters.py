@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdsweep import adapters, models
-from sdsweep.trial import run_trial
+from sdsweep.model import adapters
+from sdsweep.model import load as models
+from sdsweep.sweep.trial import run_trial
 
 
 def _sample(pipe, seed: int = 0) -> torch.Tensor:

@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from sdsweep import cache
-from sdsweep.cache import EntryStore, decode_entry, encode_entry, fill
-from sdsweep.trial import run_trial
+from sdsweep.data import cache
+from sdsweep.data.cache import EntryStore, decode_entry, encode_entry, fill
+from sdsweep.sweep.trial import run_trial
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def vae_calls(monkeypatch):
 @pytest.fixture
 def text_calls(monkeypatch):
     """Counts text encodings (live or for the cache)."""
-    from sdsweep import conditioning
+    from sdsweep.model import conditioning
 
     calls = []
     original = conditioning.encode_text
@@ -49,7 +49,7 @@ def text_calls(monkeypatch):
         return original(components, captions, device)
 
     monkeypatch.setattr(conditioning, "encode_text", counting)
-    monkeypatch.setattr("sdsweep.train.encode_text", counting)
+    monkeypatch.setattr("sdsweep.train.loop.encode_text", counting)
     return calls
 
 
@@ -196,7 +196,7 @@ def test_random_crops_of_larger_images_encode_latents_live_but_cache_text(make_c
 
 
 def test_another_vae_or_dtype_is_another_namespace(make_cfg):
-    from sdsweep import models
+    from sdsweep.model import load as models
 
     components = models.load_components(make_cfg().model)
     before = cache.latent_namespace(components.vae)
@@ -210,8 +210,8 @@ def test_another_vae_or_dtype_is_another_namespace(make_cfg):
 
 def test_a_used_tokenizer_keeps_its_fingerprint(make_cfg):
     """The kept base hands the next trial tokenizers that have tokenized; their cache namespace stays."""
-    from sdsweep import kept_base
-    from sdsweep.cache import tokenizer_fingerprint
+    from sdsweep.data.cache import tokenizer_fingerprint
+    from sdsweep.model import kept_base
 
     components, _ = kept_base.acquire(make_cfg(), torch.device("cpu"))
     tokenizer = components.tokenizers[0]

@@ -8,7 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from sdsweep.config import ConfigError, validate
+from sdsweep.config.schema import ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_OPTIONS = {

@@ -11,8 +11,8 @@ import torch
 from helpers import write_bad_records, write_folder
 from PIL import Image
 
-from sdsweep.config import DataConfig
-from sdsweep.data import (
+from sdsweep.config.schema import DataConfig
+from sdsweep.data.dataset import (
     BucketBatchSampler,
     CaptionedImages,
     DataError,
@@ -24,8 +24,8 @@ from sdsweep.data import (
     nearest_bucket,
     scan_folder,
 )
-from sdsweep.train import sdxl_time_ids
-from sdsweep.trial import run_trial
+from sdsweep.sweep.trial import run_trial
+from sdsweep.train.loop import sdxl_time_ids
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def test_every_image_mode_survives_the_scan(tmp_path):
 
 def test_each_kind_of_bad_record_is_skipped_counted_and_reported_once(tmp_path, caplog):
     expected = write_bad_records(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="sdsweep.data"):
+    with caplog.at_level(logging.WARNING, logger="sdsweep.data.dataset"):
         report = scan_folder(tmp_path, min_size=8)
     assert sorted(r.path.name for r in report.records) == ["good0.png", "good1.png"]
     assert dict(report.skipped) == expected

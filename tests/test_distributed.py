@@ -18,7 +18,7 @@ import torch
 from conftest import cli_env
 
 from sdsweep.__main__ import _multiprocess_problem
-from sdsweep.data import StepSampler
+from sdsweep.data.dataset import StepSampler
 
 gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -81,7 +81,7 @@ def test_two_processes_train_one_trial_on_disjoint_shares_of_each_batch(cache_di
 
 
 def test_shards_of_bucketed_batches_interleave_into_the_single_process_stream():
-    from sdsweep.data import BucketBatchSampler, Shard
+    from sdsweep.data.dataset import BucketBatchSampler, Shard
 
     targets = [(64, 64)] * 5 + [(48, 80)] * 3
     one = [b for b, _ in zip(BucketBatchSampler(targets, 2, seed=3, start=4), range(8))]

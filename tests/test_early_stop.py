@@ -10,7 +10,7 @@ from conftest import cli_env
 from helpers import run_cli
 from omegaconf import OmegaConf
 
-from sdsweep.early_stop import _trained_on, check_steps, peer_losses, verdict, window_mean
+from sdsweep.sweep.early_stop import _trained_on, check_steps, peer_losses, verdict, window_mean
 
 
 def _trial(sweep, name, cfg, losses, status="finished", steps=None):
@@ -72,7 +72,7 @@ def test_no_stop_without_enough_peers_or_outside_a_sweep(tmp_path, sweep, es_cfg
 
 
 def test_bad_early_stop_settings_are_refused(make_cfg):
-    from sdsweep.config import ConfigError, validate
+    from sdsweep.config.schema import ConfigError, validate
 
     with pytest.raises(ConfigError, match="sweep.early_stop.at"):
         validate(make_cfg("sweep.early_stop.enabled=true", "sweep.early_stop.at=[1.5]"))

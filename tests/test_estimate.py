@@ -8,17 +8,18 @@ import json
 import pytest
 import torch
 
-from sdsweep import adapters, estimate
-from sdsweep.architectures import family_components
-from sdsweep.estimate import _CudaOps, _LiveBytes, estimate_peak, meta_modules
-from sdsweep.sweep import prune_reason
-from sdsweep.trial import run_trial
+from sdsweep.model import adapters
+from sdsweep.model.architectures import family_components
+from sdsweep.sweep import estimate
+from sdsweep.sweep.estimate import _CudaOps, _LiveBytes, estimate_peak, meta_modules
+from sdsweep.sweep.preflight import prune_reason
+from sdsweep.sweep.trial import run_trial
 
 GIB = 2**30
 
 
 def test_meta_parameter_counts_equal_the_loaded_models(make_cfg):
-    from sdsweep.models import load_components
+    from sdsweep.model.load import load_components
 
     cfg = make_cfg()
     unbuilt, _ = estimate.component_configs(cfg.model)  # from tiny.py's builders: nothing written

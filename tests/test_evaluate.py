@@ -15,10 +15,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sdsweep import evaluate
-from sdsweep import metrics as M
-from sdsweep.config import ConfigError, validate
-from sdsweep.trial import run_trial
+from sdsweep.config.schema import ConfigError, validate
+from sdsweep.eval import evaluate
+from sdsweep.eval import metrics as M
+from sdsweep.sweep.trial import run_trial
 
 
 def _images(n: int, seed: int, size: int = 48) -> list[Image.Image]:
@@ -269,7 +269,7 @@ def test_a_finished_trial_is_rescored_from_its_folder_alone(mini_sweep):
 
 
 def test_the_leaderboard_and_report_of_a_real_sweep(mini_sweep):
-    from sdsweep.leaderboard import write_all
+    from sdsweep.board.leaderboard import write_all
 
     sweep = mini_sweep[0]
     board = write_all(sweep, echo=False)
@@ -286,7 +286,7 @@ def test_the_leaderboard_and_report_of_a_real_sweep(mini_sweep):
 
 def test_every_family_is_sampled_and_scored_through_its_own_pipeline(make_cfg, tmp_path):
     """SD3 samples through StableDiffusion3Pipeline (transformer, flow matching, shifted VAE latents)."""
-    from sdsweep.trial import run_trial
+    from sdsweep.sweep.trial import run_trial
 
     metrics = run_trial(make_cfg("model=tiny-sd3", "tracking.validation_every=2", steps=2), tmp_path / "trial")
     assert metrics["status"] == "finished" and "eval_error" not in metrics, metrics.get("eval_error")

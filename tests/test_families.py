@@ -9,11 +9,12 @@ import shutil
 import pytest
 import torch
 
-from sdsweep import adapters, models
-from sdsweep.conditioning import encode_text, prompt_embeddings
-from sdsweep.config import ConfigError, TrainConfig, validate
-from sdsweep.objectives import ddpm_loss, flow_matching_loss
-from sdsweep.trial import run_trial
+from sdsweep.config.schema import ConfigError, TrainConfig, validate
+from sdsweep.model import adapters
+from sdsweep.model import load as models
+from sdsweep.model.conditioning import encode_text, prompt_embeddings
+from sdsweep.sweep.trial import run_trial
+from sdsweep.train.objectives import ddpm_loss, flow_matching_loss
 
 
 @pytest.fixture

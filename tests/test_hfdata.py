@@ -8,9 +8,9 @@ import sys
 import pytest
 from PIL import Image
 
-from sdsweep.config import DataConfig
-from sdsweep.data import DataError, load_dataset
-from sdsweep.trial import run_trial
+from sdsweep.config.schema import DataConfig
+from sdsweep.data.dataset import DataError, load_dataset
+from sdsweep.sweep.trial import run_trial
 
 
 @pytest.fixture

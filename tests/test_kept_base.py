@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdsweep import kept_base, models
-from sdsweep.trial import run_trial
+from sdsweep.model import kept_base
+from sdsweep.model import load as models
+from sdsweep.sweep.trial import run_trial
 
 NO_EVAL = "eval.enabled=false"
 
@@ -87,7 +88,7 @@ def test_modules_whose_outputs_are_cached_leave_the_gpu_while_training(make_cfg,
 
 
 def test_vae_tiling_decodes_tile_by_tile_and_switches_back_off(make_cfg, monkeypatch):
-    from sdsweep import evaluate
+    from sdsweep.eval import evaluate
 
     cfg = make_cfg("eval.resolution=128", "eval.vae_tiling=true")
     components, _ = kept_base.acquire(cfg, torch.device("cpu"))

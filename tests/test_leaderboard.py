@@ -11,9 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sdsweep import leaderboard
-from sdsweep.callbacks import SweepSummary
-from sdsweep.leaderboard import build, write_all
+from sdsweep.board import leaderboard
+from sdsweep.board.leaderboard import build, write_all
+from sdsweep.sweep.callbacks import SweepSummary
 
 PROMPTS = [("a cat", 0), ("a dog", 0)]
 BASE_KEY = "abc123"

@@ -14,8 +14,8 @@ import pytest
 from conftest import cli_env
 from helpers import run_cli
 
-from sdsweep.sweep import expand_cells, preflight, prune_reason
-from sdsweep.trial import run_trial
+from sdsweep.sweep.preflight import expand_cells, preflight, prune_reason
+from sdsweep.sweep.trial import run_trial
 
 
 def test_cells_expand_like_hydras_basic_sweeper():

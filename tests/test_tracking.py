@@ -10,7 +10,7 @@ import pytest
 import torch
 from wandb_reader import read_run
 
-from sdsweep.trial import run_trial
+from sdsweep.sweep.trial import run_trial
 
 STEP_KEYS = {"train/loss", "train/loss_smoothed", "train/grad_norm", "train/lr_unet"}
 SPEED_KEYS = {"perf/step_time_s", "perf/it_per_s", "perf/images_per_s"}

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from sdsweep import train as train_mod
-from sdsweep import trial as trial_mod
-from sdsweep.config import ConfigError, validate
-from sdsweep.train import setup, train
-from sdsweep.trial import run_trial
+from sdsweep.config.schema import ConfigError, validate
+from sdsweep.sweep import trial as trial_mod
+from sdsweep.sweep.trial import run_trial
+from sdsweep.train import loop as train_mod
+from sdsweep.train.loop import setup, train
 
 TRAINABLE_OPTIONS = [
     ("adapter", "lora"), ("adapter", "dora"), ("adapter", "loha"), ("adapter", "lokr"),
@@ -196,7 +196,7 @@ def test_compile_trains_through_dynamo_graphs_and_leaves_a_plain_unet(make_cfg, 
     the base kept for the next trial without the compile wrapper."""
     import torch._dynamo
 
-    from sdsweep import kept_base
+    from sdsweep.model import kept_base
 
     graph_calls: list[int] = []
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, validate
+from sdsweep.config.schema import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def over_budget_reason(cfg: DictConfig) -> str | None:
 
     Only for trials that will run on CUDA: a CPU trial has no VRAM to exhaust (its prediction is
     still recorded in metrics.json by run_trial)."""
-    from .estimate import estimate_peak
+    from sdsweep.sweep.estimate import estimate_peak
 
     budget = cfg.sweep.vram_budget_gb
     if not budget:
@@ -159,7 +159,7 @@ def preflight(overrides: list[str]) -> list[str]:
 
 def prediction_table(cells: list[tuple[list[str], DictConfig]]) -> str:
     """Each cell's predicted peak VRAM and whether it fits sweep.vram_budget_gb, as a text table."""
-    from .estimate import estimate_peak
+    from sdsweep.sweep.estimate import estimate_peak
 
     rows = []
     for cell, cfg in cells:

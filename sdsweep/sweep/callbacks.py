@@ -58,7 +58,7 @@ def write_leaderboard(sweep_dir: Path, config: DictConfig) -> None:
     the trials' results, which stay in their folders: say how to rebuild instead."""
     from omegaconf import OmegaConf
 
-    from .leaderboard import write_all
+    from sdsweep.board.leaderboard import write_all
 
     try:
         weights = OmegaConf.select(config, "eval.score_weights")

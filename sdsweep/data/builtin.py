@@ -58,7 +58,7 @@ def _draw_builtin(index: int, size: int = 96) -> tuple[Image.Image, str]:
 
 def ensure_builtin_dataset(cache_dir: str, count: int = 12) -> Path:
     """Write the built-in set (PNG + metadata.jsonl) once; it is then read like any folder."""
-    from .io import atomic_dir
+    from sdsweep.io import atomic_dir
 
     folder = Path(cache_dir).expanduser() / f"builtin-data-v{BUILTIN_VERSION}"
     if (folder / "metadata.jsonl").exists():

@@ -140,8 +140,8 @@ def _round(x: float | None) -> float | None:
 def component_configs(model) -> tuple[dict[str, tuple[str, dict]], list[str]]:
     """{component: (class name, config)} of the model's denoiser, VAE and text encoders, read from
     their config.json files only; falls back to `architectures` for known hub ids and single files."""
-    from .architectures import KNOWN_HUB_IDS, family_components
-    from .models import ModelLoadError, resolve_source
+    from sdsweep.model.architectures import KNOWN_HUB_IDS, family_components
+    from sdsweep.model.load import ModelLoadError, resolve_source
 
     notes: list[str] = []
     if model.build_tiny and not model.pretrained:
@@ -181,7 +181,7 @@ def _tiny_configs(model) -> dict[str, tuple[str, dict]]:
     (milliseconds; a preflight must not write the model into model.cache_dir)."""
     from pathlib import Path
 
-    from . import tiny
+    from sdsweep.model import tiny
 
     folder = Path(model.cache_dir).expanduser() / f"tiny-{model.family}-v{tiny.TINY_VERSION}-seed0"
     if (folder / "model_index.json").exists():
@@ -236,7 +236,7 @@ def meta_modules(configs: dict[str, tuple[str, dict]]) -> dict[str, torch.nn.Mod
     """Every component built on the meta device: shapes and dtypes, no memory, no initialisation cost."""
     from accelerate import init_empty_weights
 
-    from .architectures import instantiate
+    from sdsweep.model.architectures import instantiate
 
     with init_empty_weights(include_buffers=True):
         modules = {name: instantiate(cls, dict(config)) for name, (cls, config) in configs.items()}
@@ -437,7 +437,7 @@ def trace_step(cfg, modules: dict[str, torch.nn.Module], trained_encoders: list[
     mp = cfg.precision.mixed_precision
     autocast = None if mp == "no" else {"fp16": torch.float16, "bf16": torch.bfloat16}[mp]
     if cfg.train.gradient_checkpointing:  # as train.setup does, with the call swapped for _checkpoint
-        from .models import set_checkpointing
+        from sdsweep.model.load import set_checkpointing
 
         for module in [denoiser, *trained_encoders]:
             set_checkpointing(module, True)
@@ -552,7 +552,7 @@ def estimate_peak(cfg) -> Estimate:
 
 
 def _estimate(cfg) -> Estimate:
-    from . import adapters
+    from sdsweep.model import adapters
 
     family, pr = cfg.model.family, cfg.precision
     configs, notes = component_configs(cfg.model)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from sdsweep.config.schema import TrainConfig
 
 
 def _noise(latents: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, PrecisionConfig
-from .tiny import ensure_tiny_model
+from sdsweep.config.schema import ModelConfig, PrecisionConfig
+from sdsweep.model.tiny import ensure_tiny_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

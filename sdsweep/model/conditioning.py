@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import Components
+from sdsweep.model.load import Components
 
 
 def _tokens(tokenizer, captions: list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:

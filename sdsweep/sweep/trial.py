@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import adapters, kept_base, models
-from . import train as training
-from .config import ConfigError, validate
-from .estimate import estimate_peak
-from .io import atomic_write_json
-from .meters import MemoryMeter
-from .sweep import config_fingerprint, finished_result, prune_reason
-from .tracking import Tracker, make_tracker
+from sdsweep.config.schema import ConfigError, validate
+from sdsweep.io import atomic_write_json
+from sdsweep.model import adapters, kept_base
+from sdsweep.model import load as models
+from sdsweep.sweep.estimate import estimate_peak
+from sdsweep.sweep.preflight import config_fingerprint, finished_result, prune_reason
+from sdsweep.train import loop as training
+from sdsweep.train.meters import MemoryMeter
+from sdsweep.train.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         _free_training_state(s)
         if main and not stopped:
             # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
-            from .evaluate import evaluate_trial
+            from sdsweep.eval.evaluate import evaluate_trial
 
             eval_memory = MemoryMeter(s.device)
             metrics.update(evaluate_trial(cfg, trial_dir, s.components))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_dir
+from sdsweep.io import atomic_dir
 
 STEP_DIR = re.compile(r"step-(\d+)")
 

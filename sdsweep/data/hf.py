@@ -22,9 +22,9 @@ from typing import Any
 
 from PIL import Image
 
-from .config import DataConfig
-from .data import EXPORT_REPORT, DataError, caption_text
-from .io import atomic_dir
+from sdsweep.config.schema import DataConfig
+from sdsweep.data.dataset import EXPORT_REPORT, DataError, caption_text
+from sdsweep.io import atomic_dir
 
 log = logging.getLogger(__name__)
 EXPORT_VERSION = 1

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ABLATION_AXES
+from sdsweep.config.schema import ABLATION_AXES
 
 log = logging.getLogger(__name__)
 

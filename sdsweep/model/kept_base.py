@@ -21,7 +21,7 @@ import logging
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import models
+from sdsweep.model import load as models
 
 log = logging.getLogger(__name__)
 

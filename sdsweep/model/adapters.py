@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import AdapterConfig
-from .io import atomic_dir
+from sdsweep.config.schema import AdapterConfig
+from sdsweep.io import atomic_dir
 
 # Layer types peft can wrap with every adapter kind we offer.
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
@@ -128,7 +128,7 @@ def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.
 def _save_diffusers_lora(folder: Path, family: str, adapted: dict[str, torch.nn.Module]) -> None:
     from peft.utils import get_peft_model_state_dict
 
-    from .models import pipeline_class
+    from sdsweep.model.load import pipeline_class
 
     kwargs = {}
     for name, module in adapted.items():

@@ -17,13 +17,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import adapters, cache, early_stop, kept_base, models, objectives
-from .checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from .conditioning import encode_text, prompt_embeddings, sdxl_time_ids
-from .data import count_long_captions, load_dataset, make_loader
-from .io import atomic_write_json
-from .meters import MemoryMeter, SpeedMeter
-from .tracking import Tracker, finish_profiler, make_profiler
+from sdsweep.data import cache
+from sdsweep.data.dataset import count_long_captions, load_dataset, make_loader
+from sdsweep.io import atomic_write_json
+from sdsweep.model import adapters, kept_base
+from sdsweep.model import load as models
+from sdsweep.model.conditioning import encode_text, prompt_embeddings, sdxl_time_ids
+from sdsweep.sweep import early_stop
+from sdsweep.train import objectives
+from sdsweep.train.checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from sdsweep.train.meters import MemoryMeter, SpeedMeter
+from sdsweep.train.tracking import Tracker, finish_profiler, make_profiler
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +437,7 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
 
 def validate_images(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker, step: int) -> None:
     """Fixed prompts and seeds (the eval group's), so a grid cell compares across trials and time."""
-    from .evaluate import build_pipeline, generate, read_prompts
+    from sdsweep.eval.evaluate import build_pipeline, generate, read_prompts
 
     pipe = build_pipeline(s.components)  # shares the trial's modules, adapters included
     samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, s.autocast_dtype)

@@ -285,7 +285,7 @@ training time)<br>{_pareto_chart(board)}</div>
 
 
 def write_report(sweep_dir: Path, board: pd.DataFrame, per_trial: pd.DataFrame) -> Path:
-    from .io import atomic_write_bytes
+    from sdsweep.io import atomic_write_bytes
 
     path = Path(sweep_dir) / "report.html"
     atomic_write_bytes(path, render(Path(sweep_dir), board, per_trial).encode("utf-8"))

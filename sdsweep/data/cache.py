@@ -47,7 +47,7 @@ from filelock import FileLock
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .io import atomic_write_bytes
+from sdsweep.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -278,7 +278,7 @@ def prepare(cfg, components, dataset, device: torch.device, autocast_dtype: torc
     Returns what happened, for metrics.json: per kind, entries / hits / computed / corrupt, or
     why that kind is encoded live.
     """
-    from .conditioning import encode_text
+    from sdsweep.model.conditioning import encode_text
 
     if not cfg.cache.enabled:
         return {"latents": "live (cache.enabled=false)", "text": "live (cache.enabled=false)"}

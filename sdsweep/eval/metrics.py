@@ -82,7 +82,7 @@ def load_clip(model_name: str, pretrained: str | None, cache_dir: str | os.PathL
     if model_name == "tiny":
         config_file = Path(cache_dir).expanduser() / "open_clip" / f"{TINY_CLIP_NAME}.json"
         if not config_file.exists():
-            from .io import atomic_write_json
+            from sdsweep.io import atomic_write_json
 
             atomic_write_json(config_file, TINY_CLIP_CONFIG)
         if TINY_CLIP_NAME not in open_clip.list_models():

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from .builtin import ensure_builtin_dataset
-from .config import DataConfig
+from sdsweep.config.schema import DataConfig
+from sdsweep.data.builtin import ensure_builtin_dataset
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ def collate(batch: list[dict]) -> dict:
 def load_dataset(cfg: DataConfig, cache_dir: str) -> tuple[CaptionedImages, ScanReport]:
     """The records of data.dataset, data.path or the built-in set, scanned, as a training set."""
     if cfg.dataset:
-        from .hfdata import export_dataset
+        from sdsweep.data.hf import export_dataset
 
         folder, column = export_dataset(cfg, cache_dir), "text"
     elif cfg.path:

@@ -1,0 +1,391 @@
+"""Trial folders -> a ranked leaderboard: CSV, terminal table, W&B table, and report.html.
+
+`python -m sdsweep.leaderboard SWEEP_DIR` rebuilds everything from the folders alone (each
+trial's metrics.json, the base model's `base/<key>/base.json`); the Hydra callback runs the
+same code at the end of every multirun. Rows:
+
+* the base model (no adapter), first: the reference every trial is measured against, unranked;
+* one row per configuration (the overrides minus `seed=`); with several seeds per configuration
+  each figure is the mean over the seeds that finished, with its standard deviation in `<key>_std`;
+* ranked by the composite score (ties share a rank); a note where two configurations are not
+  separated by more than their seed spread (std_a + std_b);
+* finished trials whose evaluation failed next, unranked, with `eval_error`; failed trials last.
+
+Composite score: each metric is scaled over the finished trials and the base model, 1 for the
+best value seen (the highest, or for distances the lowest) and 0 for the worst, by a spread of at
+least 5% of the metric's magnitude (smaller differences are noise, not a ranking); then the
+weighted mean over the metrics a row has, weights `eval.score_weights`. It is relative to the
+rows of this sweep: compare raw metrics, not composites, across sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sdsweep.config.schema import GROUPS, EvalConfig
+from sdsweep.sweep.callbacks import read_trials
+
+log = logging.getLogger(__name__)
+
+# metric column -> higher is better
+METRICS: dict[str, bool] = {
+    "eval/clip_score": True,
+    "eval/content_cos": True,
+    "eval/style_centroid_cos": True,
+    "eval/style_nn_cos": True,
+    "eval/kid": False,
+    "eval/gram_distance": False,
+    "eval/color_distance": False,
+}
+RESOURCES = ["trainable_params", "adapter_mb", "predicted_vram_gb", "peak_vram_mb", "peak_memory_mb", "it_per_s",
+             "train_s", "wall_s", "eval_s", "final_loss"]
+NUMERIC = ["composite", *METRICS, "eval/kid_subset_std", *RESOURCES]
+WITH_STD = [k for k in NUMERIC if k != "eval/kid_subset_std"]  # over seeds
+RESOLUTION = 0.05  # differences below 5% of a metric's magnitude count as ties in the composite
+T4_VRAM_MB = 15360  # a T4's 16 GB as CUDA reports it (15 GiB usable)
+BASE_LABEL = "base model (no adapter)"
+
+
+def default_weights() -> dict[str, float]:
+    return dict(EvalConfig().score_weights)
+
+
+# --- rows ------------------------------------------------------------------------------------------
+
+
+def _seed(trial_dir: Path, overrides: list[str]) -> int | None:
+    for o in overrides:
+        if o.startswith("seed="):
+            return int(o.split("=", 1)[1])
+    saved = trial_dir / ".hydra" / "config.yaml"
+    if saved.exists():
+        from omegaconf import OmegaConf
+
+        return OmegaConf.load(saved).get("seed")
+    return None
+
+
+def trial_row(trial_dir: Path, m: dict) -> dict[str, Any]:
+    overrides = list(m.get("overrides") or [])
+    config_key = ",".join(sorted(o for o in overrides if not o.startswith("seed="))) or "default"
+    choices = m.get("choices") or {}
+    row: dict[str, Any] = {"trial": trial_dir.name, "config_key": config_key, "seed": _seed(trial_dir, overrides)}
+    row.update({g: choices.get(g) for g in GROUPS})
+    row["overrides"] = " ".join(overrides)
+    row.update({k: m.get(k) for k in RESOURCES if k != "it_per_s"})
+    row["it_per_s"] = m.get("steps_per_s")
+    row["predicted_vram_gb"] = m.get("predicted_peak_vram_gb")  # sdsweep/estimate.py, before the trial ran
+    row["peak_vram_reserved_mb"] = m.get("peak_vram_reserved_mb")
+    row.update({k: m.get(k) for k in METRICS})
+    row["eval/kid_subset_std"] = m.get("eval/kid_std")  # spread over KID's subsets (not over seeds)
+    row["eval_base_key"] = m.get("eval/base_key")
+    row["status"] = m.get("status", "failed")
+    row["reason"] = m.get("reason") or m.get("eval_error") or ""
+    row["scored"] = row["status"] == "finished" and any(m.get(k) is not None for k in METRICS)
+    return row
+
+
+def base_rows(sweep_dir: Path, trials: list[dict]) -> list[dict[str, Any]]:
+    """One row per base-model set sampled in this sweep (usually one; one per precision in a precision sweep)."""
+    files = sorted(Path(sweep_dir).glob("base/*/base.json")) + sorted(Path(sweep_dir).glob("*/base/*/base.json"))
+    rows: dict[str, dict[str, Any]] = {}
+    for f in files:
+        b = json.loads(f.read_text())
+        if b["key"] in rows:
+            continue
+        users = [t for t in trials if t.get("eval_base_key") == b["key"]]
+        p = b["settings"]["precision"]
+        row: dict[str, Any] = {"trial": f"base/{b['key']}", "seed": None,
+                               "config_key": f"{BASE_LABEL} [{p['base_dtype']}, quantize={p['quantize']}]"}
+        row.update({g: (users[0][g] if users and g in ("model", "data", "eval", "precision") else None) for g in GROUPS})
+        row.update(adapter="none", overrides="", trainable_params=0, adapter_mb=0.0, eval_base_key=b["key"],
+                   status="reference", reason="", scored=True, eval_s=b.get("eval_s"))
+        row.update({k: b.get(k) for k in METRICS})
+        row["eval/kid_subset_std"] = b.get("eval/kid_std")
+        rows[b["key"]] = row
+    if len(rows) == 1:  # the usual case: no need to say which precision
+        next(iter(rows.values()))["config_key"] = BASE_LABEL
+    return list(rows.values())
+
+
+# --- scores --------------------------------------------------------------------------------------
+
+
+def add_composite(rows: list[dict], weights: dict[str, float]) -> None:
+    """composite = sum_k w_k * norm_k / sum_k w_k over the metrics a row has.
+
+    norm_k = (value - worst) / spread, 1 for the best value seen and 0 for the worst, where the
+    spread is the range over the scored rows but never less than RESOLUTION x the largest |value|:
+    differences below that are noise (a 3-step LoRA moves CLIP cosines by 1e-6), and plain
+    min-max scaling would blow them up into a full-range ranking.
+    """
+    pool = [r for r in rows if r["scored"]]
+    bounds = {}
+    for key in METRICS:
+        values = [r[key] for r in pool if _finite(r.get(key))]
+        if values:
+            spread = max(max(values) - min(values), RESOLUTION * max(abs(v) for v in values))
+            bounds[key] = (min(values), max(values), spread)
+    for r in rows:
+        total = weight_sum = 0.0
+        for key, higher in METRICS.items():
+            w = float(weights.get(key.removeprefix("eval/"), 0.0))
+            if not w or key not in bounds or not r["scored"] or not _finite(r.get(key)):
+                continue
+            lo, hi, spread = bounds[key]
+            if spread > 0:
+                norm = 1 - (hi - r[key]) / spread if higher else 1 - (r[key] - lo) / spread
+            else:
+                norm = 1.0  # every row has the same value: all are the best seen
+            total += w * norm
+            weight_sum += w
+        r["composite"] = total / weight_sum if weight_sum else None
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def aggregate(rows: list[dict]) -> pd.DataFrame:
+    """One row per configuration: means over the seeds that finished, `<key>_std`, seeds, failures."""
+    out = []
+    by_config: dict[str, list[dict]] = {}
+    for r in rows:
+        by_config.setdefault(r["config_key"], []).append(r)
+    for group in by_config.values():
+        ok = [r for r in group if r["status"] in ("finished", "reference")]
+        use = ok or group
+        agg: dict[str, Any] = {k: use[0].get(k) for k in ("config_key", *GROUPS, "overrides", "eval_base_key")}
+        agg["overrides"] = " ".join(o for o in str(use[0]["overrides"]).split() if not o.startswith("seed="))
+        for k in NUMERIC:
+            values = [r[k] for r in use if _finite(r.get(k))]
+            agg[k] = sum(values) / len(values) if values and ok else None
+            if k in WITH_STD:
+                agg[f"{k}_std"] = pd.Series(values).std() if len(values) > 1 and ok else None
+        agg["peak_vram_reserved_mb"] = max((r["peak_vram_reserved_mb"] for r in use
+                                            if _finite(r.get("peak_vram_reserved_mb"))), default=None)
+        agg["n_seeds"] = len(ok) if group[0]["status"] != "reference" else None
+        agg["seeds"] = " ".join(str(r["seed"]) for r in sorted(group, key=lambda r: str(r["seed"])) if r["seed"] is not None)
+        agg["trials"] = " ".join(sorted(r["trial"] for r in group))
+        failed = [r for r in group if r["status"] not in ("finished", "reference")]
+        if ok:
+            agg["status"] = ok[0]["status"]  # finished, or reference for the base model
+        else:  # failed, or whatever else stopped every seed (interrupted, ...): listed last with the reason
+            statuses = [r["status"] for r in group]
+            agg["status"] = max(set(statuses), key=statuses.count)
+        agg["scored"] = any(r["scored"] for r in ok)
+        reasons = sorted({r["reason"] for r in (failed or [r for r in ok if r["reason"]]) if r["reason"]})
+        agg["reason"] = "; ".join(reasons)
+        agg["note"] = f"{len(failed)} of {len(group)} seeds failed" if ok and failed else ""
+        out.append(agg)
+    return pd.DataFrame(out)
+
+
+def rank(board: pd.DataFrame) -> pd.DataFrame:
+    """Rank scored configurations by mean composite (ties share the better rank), flag the Pareto
+    front over (composite up, peak memory down, training time down) and T4 fit; order the rows."""
+    board = board.copy()
+    rankable = (board["status"] == "finished") & board["scored"] & board["composite"].notna()
+    board["rank"] = pd.Series(pd.NA, index=board.index, dtype="Int64")
+    board.loc[rankable, "rank"] = board.loc[rankable, "composite"].rank(ascending=False, method="min").astype("Int64")
+    memory = board["peak_vram_mb"].where(board["peak_vram_mb"].notna(), board["peak_memory_mb"])
+    board["pareto"] = pd.Series(pd.NA, index=board.index, dtype="boolean")
+    idx = list(board.index[rankable])
+    for i in idx:
+        a = (board.at[i, "composite"], memory[i], board.at[i, "train_s"])
+        board.at[i, "pareto"] = not any(_dominates((board.at[j, "composite"], memory[j], board.at[j, "train_s"]), a)
+                                        for j in idx if j != i)
+    vram = board["peak_vram_reserved_mb"].where(board["peak_vram_reserved_mb"].notna(), board["peak_vram_mb"])
+    board["fits_t4"] = pd.Series([pd.NA if pd.isna(v) else bool(v <= T4_VRAM_MB) for v in vram],
+                                 index=board.index, dtype="boolean")
+    _spread_notes(board, idx)
+    order = {"reference": 0, "finished": 1, "failed": 3}
+    board["_group"] = [order.get(s, 3) + (1 if s == "finished" and not r else 0)
+                       for s, r in zip(board["status"], rankable)]
+    board["_rank"] = board["rank"].astype("Float64").fillna(float("inf"))
+    board = board.sort_values(["_group", "_rank", "config"], kind="stable").drop(columns=["_group", "_rank"])
+    return board.reset_index(drop=True)
+
+
+def _dominates(a: tuple, b: tuple) -> bool:
+    """a is at least as good as b everywhere (score up, memory down, time down) and better somewhere."""
+    def val(x, flip):
+        return (-x if flip else x) if _finite(x) else math.inf
+
+    av = [val(a[0], True), val(a[1], False), val(a[2], False)]
+    bv = [val(b[0], True), val(b[1], False), val(b[2], False)]
+    return all(x <= y for x, y in zip(av, bv)) and any(x < y for x, y in zip(av, bv))
+
+
+def _spread_notes(board: pd.DataFrame, idx: list) -> None:
+    ranked = sorted(idx, key=lambda i: (-board.at[i, "composite"], board.at[i, "config"]))
+    for pos, j in enumerate(ranked):
+        close = []
+        for i in ranked[:pos]:
+            spread = sum(s for s in (board.at[i, "composite_std"], board.at[j, "composite_std"]) if _finite(s))
+            if spread > 0 and board.at[i, "composite"] - board.at[j, "composite"] <= spread:
+                close.append(f"#{board.at[i, 'rank']} {board.at[i, 'config']}")
+        if close:
+            note = "not separated from " + ", ".join(close) + " by more than their seed spread"
+            board.at[j, "note"] = "; ".join(n for n in (board.at[j, "note"], note) if n)
+
+
+def short_labels(keys: list[str]) -> dict[str, str]:
+    """Each configuration named by the overrides that differ across the sweep (`adapter=dora`), not
+    by those every trial shares (`train.max_steps=3`)."""
+    split = {k: k.split(",") for k in keys if k != "default" and not k.startswith(BASE_LABEL)}
+    shared = set.intersection(*(set(v) for v in split.values())) if len(split) > 1 else set()
+    return {k: (",".join(o for o in split[k] if o not in shared) or k) if k in split else k for k in keys}
+
+
+COLUMNS = ["rank", "config", "status", "composite", "composite_std", "pareto", "fits_t4", "n_seeds", "seeds",
+           *GROUPS]
+
+
+class NoTrials(ValueError):
+    """The folder holds no trial of a sweep: there is nothing to rank."""
+
+
+def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(leaderboard by configuration, one row per trial), both ranked and ordered, from the folders alone.
+
+    `weights`: the composite's; None reads those the sweep ran with (see `sweep_weights`)."""
+    weights = {**default_weights(), **(sweep_weights(sweep_dir) if weights is None else weights)}
+    trials = [trial_row(d, m) for d, m in read_trials(Path(sweep_dir))]
+    if not trials:
+        raise NoTrials(f"{sweep_dir} holds no trial folders (no */metrics.json): give the folder a sweep "
+                       "wrote, e.g. multirun/<date>/<time>, the one `python -m sdsweep -m ...` printed at the end")
+    rows = base_rows(sweep_dir, trials) + trials
+    add_composite(rows, weights)
+    labels = short_labels(list(dict.fromkeys(r["config_key"] for r in rows)))
+    board = aggregate(rows)
+    board.insert(1, "config", board["config_key"].map(labels))
+    board = rank(board)
+    ordered = COLUMNS + [c for k in NUMERIC[1:] for c in ((k, f"{k}_std") if k in WITH_STD else (k,))] + [
+        "peak_vram_reserved_mb", "overrides", "note", "reason", "trials", "config_key", "eval_base_key"]
+    board = board[ordered]
+
+    per_trial = pd.DataFrame(rows).drop(columns=["scored"])
+    per_trial.insert(1, "config", per_trial["config_key"].map(labels))
+    position = {key: i for i, key in enumerate(board["config_key"])}  # the leaderboard's order, then seed
+    per_trial["config_rank"] = per_trial["config_key"].map(dict(zip(board["config_key"], board["rank"]))).astype("Int64")
+    per_trial["_pos"] = per_trial["config_key"].map(position)
+    per_trial["_failed"] = ~per_trial["status"].isin(["finished", "reference"])
+    per_trial = per_trial.sort_values(["_failed", "_pos", "seed", "trial"], kind="stable", na_position="last")
+    columns = ["trial", "config", "seed", "config_rank", "status", "composite", *METRICS, "eval/kid_subset_std",
+               *RESOURCES, "peak_vram_reserved_mb", *GROUPS, "overrides", "reason", "config_key", "eval_base_key"]
+    return board, per_trial[columns].reset_index(drop=True)
+
+
+# --- outputs -----------------------------------------------------------------------------------------
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    from sdsweep.io import atomic_write_bytes
+
+    atomic_write_bytes(path, df.to_csv(index=False, float_format="%.6g").encode())
+
+
+def table(board: pd.DataFrame) -> str:
+    """A compact text table of the leaderboard for the terminal."""
+    def fmt(v, spec):
+        return "" if v is None or pd.isna(v) else format(v, spec)
+
+    lines = []
+    for _, r in board.iterrows():
+        comp = fmt(r["composite"], ".3f") + (f"±{r['composite_std']:.3f}" if _finite(r["composite_std"]) else "")
+        memory = r["peak_vram_mb"] if _finite(r["peak_vram_mb"]) else r["peak_memory_mb"]
+        lines.append({
+            "rank": fmt(r["rank"], "d") if not pd.isna(r["rank"]) else "-", "config": str(r["config"])[:48],
+            "composite": comp, "clip": fmt(r["eval/clip_score"], ".2f"), "style": fmt(r["eval/style_centroid_cos"], ".3f"),
+            "content": fmt(r["eval/content_cos"], ".3f"), "kid": fmt(r["eval/kid"], ".4f"),
+            "gram": fmt(r["eval/gram_distance"], ".3f"), "pred_gb": fmt(r["predicted_vram_gb"], ".1f"),
+            "mem_mb": fmt(memory, ".0f"), "train_s": fmt(r["train_s"], ".1f"),
+            "pareto": "*" if r["pareto"] is True else "", "t4": {True: "yes", False: "no"}.get(r["fits_t4"], ""),
+            "status": r["status"] + (f": {r['reason'][:60]}" if r["reason"] else "") + (f" ({r['note']})" if r["note"] else ""),
+        })
+    return pd.DataFrame(lines).to_string(index=False) if lines else "(no trials)"
+
+
+def log_wandb_table(board: pd.DataFrame, sweep_dir: Path, tracking: Any, report: Path | None = None) -> None:
+    """The leaderboard (and report) as one W&B run of the sweep's group; any W&B error is a warning."""
+    if tracking is None or tracking.get("mode", "disabled") == "disabled":
+        return
+    try:
+        import wandb
+
+        run = wandb.init(project=tracking.get("project", "sdsweep"), entity=tracking.get("entity"),
+                         group=tracking.get("group") or "_".join(Path(sweep_dir).parts[-2:]), name="leaderboard",
+                         job_type="leaderboard", mode=tracking["mode"], dir=str(sweep_dir), reinit="finish_previous",
+                         settings=wandb.Settings(init_timeout=tracking.get("init_timeout", 20), silent=True, console="off"))
+        data = {"leaderboard": wandb.Table(dataframe=board.astype(object).where(board.notna(), None))}
+        if report is not None and report.exists():
+            data["report"] = wandb.Html(report.read_text(encoding="utf-8"))
+        run.log(data)
+        run.finish()
+    except Exception as e:  # noqa: BLE001 - W&B is a mirror: never fail the sweep for it
+        log.warning("W&B leaderboard table not logged (%s: %s); leaderboard.csv is unaffected", type(e).__name__, e)
+
+
+def write_all(sweep_dir: Path, weights: dict[str, float] | None = None, tracking: Any = None,
+              echo: bool = True) -> pd.DataFrame:
+    """leaderboard.csv, leaderboard_trials.csv, report.html; the table on stdout; W&B when tracking is on."""
+    from sdsweep.board.report import write_report
+
+    sweep_dir = Path(sweep_dir)
+    board, per_trial = build(sweep_dir, weights)
+    write_csv(board, sweep_dir / "leaderboard.csv")
+    write_csv(per_trial, sweep_dir / "leaderboard_trials.csv")
+    report = write_report(sweep_dir, board, per_trial)
+    if echo:
+        print(f"\nleaderboard of {sweep_dir} (composite: higher is better; * Pareto-optimal)\n{table(board)}\n"
+              f"-> {sweep_dir / 'leaderboard.csv'}\n-> {report}", flush=True)
+    log_wandb_table(board, sweep_dir, tracking, report)
+    return board
+
+
+def sweep_weights(sweep_dir: Path) -> dict[str, float]:
+    """The score weights the sweep ran with: multirun.yaml, else a trial's .hydra/config.yaml, else the defaults."""
+    from omegaconf import OmegaConf
+
+    candidates = [Path(sweep_dir) / "multirun.yaml", *sorted(Path(sweep_dir).glob("*/.hydra/config.yaml"))]
+    for path in candidates:
+        if path.exists():
+            weights = OmegaConf.select(OmegaConf.load(path), "eval.score_weights")
+            if weights is not None:
+                return {**default_weights(), **OmegaConf.to_container(weights)}
+    return default_weights()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdsweep.leaderboard",
+                                     description="Rebuild leaderboard.csv and report.html from a sweep folder.")
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--weight", action="append", default=[], metavar="METRIC=W",
+                        help="override one composite weight, e.g. --weight clip_score=2 (repeatable)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a folder")
+    weights = sweep_weights(args.sweep_dir)
+    for item in args.weight:
+        key, _, value = item.partition("=")
+        if key not in weights:
+            parser.error(f"--weight {item}: unknown metric {key!r} (one of {', '.join(weights)})")
+        weights[key] = float(value)
+    try:
+        write_all(args.sweep_dir, weights)
+    except NoTrials as e:
+        parser.error(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

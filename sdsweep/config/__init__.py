@@ -1,0 +1,1 @@
+"""The configuration: the schema every YAML group is merged into, and its validation."""

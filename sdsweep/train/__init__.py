@@ -1,0 +1,1 @@
+"""Training one trial's adapter: set-up, the loop, objectives, checkpoints, meters, tracking."""
