@@ -58,7 +58,7 @@ class SdxlTrainer:
     """The UNet with its adapter, optimizer and scaler, and one batch of latents and conditioning."""
 
     def __init__(self, cfg, device: torch.device):
-        from sdsweep.train.loop import build_optimizer, compiled
+        from sdsweep.train.setup import build_optimizer, compiled
 
         parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()}
         for m in parts.values():
@@ -67,15 +67,15 @@ class SdxlTrainer:
                                   [parts["text_encoder"], parts["text_encoder_2"]], [], None)
         models.place(comps, cfg.precision, device)
         res, batch = cfg.data.resolution, cfg.train.batch_size
-        comps.unet.to("cpu")  # parked while the VAE encodes
+        comps.denoiser.to("cpu")  # parked while the VAE encodes
         with torch.no_grad():
             pixels = torch.randn(batch, 3, res, res, device=device, dtype=next(comps.vae.parameters()).dtype)
             self.latents = comps.vae.encode(pixels).latent_dist.sample().float() * 0.13025
             del pixels
-        comps.unet.to(device)
+        comps.denoiser.to(device)
         for m in (comps.vae, *comps.text_encoders):  # outputs cached: off the GPU while training
             m.to("cpu")
-        self.unet = comps.unet
+        self.unet = comps.denoiser
         adapters.attach(self.unet, cfg.adapter, list(cfg.targets.patterns), "unet")
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()

@@ -75,8 +75,17 @@ def main() -> None:
             sys.exit(2)
 
     trial()  # hydra.main parses sys.argv
-    failed = callbacks.FAILED_TRIALS if callbacks.SWEEP_DONE else _single_run_status.count("failed")
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if _any_failed(callbacks.SUMMARIES) else 0)
+
+
+def _any_failed(summaries: list) -> bool:
+    """A sweep's outcome is its summary.json (written from the trial folders at its end); a single
+    run's, the status run_trial returned."""
+    import json
+
+    if summaries:
+        return json.loads(summaries[-1].read_text())["failed"] > 0
+    return "failed" in _single_run_status
 
 
 def _multiprocess_problem(args: list[str]) -> str | None:
@@ -110,7 +119,7 @@ def _expand_resume(args: list[str]) -> list[str]:
         return args
     from pathlib import Path
 
-    from sdsweep.sweep.preflight import resume_overrides
+    from sdsweep.sweep.resume import resume_overrides
 
     sweep_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
     rest = [a for a in args if not a.startswith("sweep.resume=") and a not in ("-m", "--multirun")]

@@ -35,7 +35,7 @@ def test_lora_and_dora_load_into_the_diffusers_pipeline_and_change_its_output(ma
     from peft.tuners.lora import LoraLayer
 
     family = cfg.model.family
-    fresh = models.load_components(cfg.model).unet
+    fresh = models.load_components(cfg.model).denoiser
     trained = set(adapters.resolve_targets(fresh, adapters.denoiser_patterns(cfg.targets, family), "denoiser"))
     assert {n for n, m in denoiser.named_modules() if isinstance(m, LoraLayer)} == trained
     if kind == "dora":

@@ -24,8 +24,8 @@ from sdsweep.data.dataset import (
     nearest_bucket,
     scan_folder,
 )
+from sdsweep.model.conditioning import sdxl_time_ids
 from sdsweep.sweep.trial import run_trial
-from sdsweep.train.loop import sdxl_time_ids
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from sdsweep.model import adapters
 from sdsweep.model.architectures import family_components
 from sdsweep.sweep import estimate
 from sdsweep.sweep.estimate import _CudaOps, _LiveBytes, estimate_peak, meta_modules
-from sdsweep.sweep.preflight import prune_reason
+from sdsweep.sweep.prune import prune_reason
 from sdsweep.sweep.trial import run_trial
 
 GIB = 2**30

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sdsweep.config.schema import ConfigError, validate
-from sdsweep.eval import evaluate
+from sdsweep.eval import base as eval_base
+from sdsweep.eval import evaluate, sampling
 from sdsweep.eval import metrics as M
 from sdsweep.sweep.trial import run_trial
 
@@ -157,8 +158,8 @@ def test_prompts_come_from_a_file_when_one_is_given(make_cfg, tmp_path):
     f.write_text("# the study's prompts\nBill Gates in Naruto style\n\n  a cat, Naruto style  \n")
     cfg = make_cfg(f"eval.prompts_file={f}")
     validate(cfg)
-    assert evaluate.read_prompts(cfg.eval) == ["Bill Gates in Naruto style", "a cat, Naruto style"]
-    assert evaluate.image_name(3, "Bill Gates in Naruto style", 1) == "03_bill-gates-in-naruto-style_seed1.png"
+    assert sampling.read_prompts(cfg.eval) == ["Bill Gates in Naruto style", "a cat, Naruto style"]
+    assert sampling.image_name(3, "Bill Gates in Naruto style", 1) == "03_bill-gates-in-naruto-style_seed1.png"
 
 
 # --- a trial's evaluation end to end -------------------------------------------------------------------
@@ -198,7 +199,9 @@ def mini_sweep(cache_dir, tmp_path_factory):
         return run_trial(cfg, sweep / f"adapter={kind}", {"adapter": kind}, [f"adapter={kind}"])
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        counting = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+        mp.setattr(evaluate, "generate", counting)  # the trial's images
+        mp.setattr(eval_base, "generate", counting)  # the base model's
         lora, loha = trial("lora"), trial("loha")
         mp.setattr(evaluate, "_evaluate", lambda *a, **k: 1 / 0)
         broken = trial("dora")

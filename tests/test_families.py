@@ -42,11 +42,11 @@ def test_the_tiny_model_is_saved_and_loaded_like_the_real_one(make_cfg, model):
     n_encoders = {"sd15": 1, "sdxl": 2, "sd3": 3}[c.family]
     assert len(c.text_encoders) == len(c.tokenizers) == n_encoders
     if c.family == "sd3":
-        assert isinstance(c.unet, SD3Transformer2DModel) and isinstance(c.noise_scheduler, FlowMatchEulerDiscreteScheduler)
+        assert isinstance(c.denoiser, SD3Transformer2DModel) and isinstance(c.noise_scheduler, FlowMatchEulerDiscreteScheduler)
         assert c.noise_scheduler.config.shift == 3.0 and c.vae.config.latent_channels == 16
         assert type(c.tokenizers[2]).__name__ == "T5Tokenizer"
     else:
-        assert isinstance(c.unet, UNet2DConditionModel) and isinstance(c.noise_scheduler, DDPMScheduler)
+        assert isinstance(c.denoiser, UNet2DConditionModel) and isinstance(c.noise_scheduler, DDPMScheduler)
     # captions are tokenized for real: CLIP's BPE knows these words as single tokens
     ids = c.tokenizers[0]("a red circle").input_ids
     assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 5
@@ -87,7 +87,7 @@ def test_a_model_is_read_straight_into_the_dtypes_it_is_trained_in(make_cfg, mod
     and gives the very weights a fp32 load cast down would: the files are read once, cast once."""
     cfg = make_cfg(f"model={model}", "precision=fp16")
     direct = models.load_components(cfg.model, cfg.precision)
-    assert direct.unet.dtype == torch.float16 and direct.vae.dtype == torch.float32
+    assert direct.denoiser.dtype == torch.float16 and direct.vae.dtype == torch.float32
     assert [te.dtype for te in direct.text_encoders] == (
         [torch.float16, torch.float16, torch.bfloat16] if model == "tiny-sd3" else [torch.float16] * 2)
     cast = models.load_components(cfg.model)
@@ -104,7 +104,7 @@ def test_targets_resolve_to_the_mmdit_attention_and_feed_forward(make_cfg):
     resolved = {}
     for option in ("attn", "self_attn", "cross_attn", "many"):
         patterns = adapters.denoiser_patterns(make_cfg(f"targets={option}").targets, "sd3")
-        resolved[option] = set(adapters.resolve_targets(c.unet, patterns, "transformer"))
+        resolved[option] = set(adapters.resolve_targets(c.denoiser, patterns, "transformer"))
     assert "transformer_blocks.0.attn.to_q" in resolved["attn"] and "transformer_blocks.0.attn.add_q_proj" in resolved["attn"]
     assert resolved["self_attn"] | resolved["cross_attn"] == resolved["attn"]
     assert not resolved["self_attn"] & resolved["cross_attn"]
@@ -113,7 +113,7 @@ def test_targets_resolve_to_the_mmdit_attention_and_feed_forward(make_cfg):
     assert {"transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.0.proj", "context_embedder"} <= resolved["many"]
     # the UNet patterns would match nothing here: that is why the group has transformer_patterns
     with pytest.raises(adapters.TargetError):
-        adapters.resolve_targets(c.unet, list(make_cfg("targets=attn").targets.patterns), "transformer")
+        adapters.resolve_targets(c.denoiser, list(make_cfg("targets=attn").targets.patterns), "transformer")
 
 
 def test_sd3_without_transformer_patterns_or_with_min_snr_is_refused(make_cfg):

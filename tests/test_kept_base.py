@@ -62,7 +62,7 @@ def test_stripping_restores_every_module_to_the_loaded_weights(make_cfg, tmp_pat
         state, expected = module.state_dict(), fresh.modules()[name].state_dict()
         assert state.keys() == expected.keys(), name
         assert all(torch.equal(state[k], expected[k]) for k in expected), name
-    assert not components.unet.is_gradient_checkpointing
+    assert not components.denoiser.is_gradient_checkpointing
 
 
 def test_another_precision_or_keep_off_or_a_failed_trial_loads_afresh(make_cfg, tmp_path, monkeypatch):
@@ -88,16 +88,16 @@ def test_modules_whose_outputs_are_cached_leave_the_gpu_while_training(make_cfg,
 
 
 def test_vae_tiling_decodes_tile_by_tile_and_switches_back_off(make_cfg, monkeypatch):
-    from sdsweep.eval import evaluate
+    from sdsweep.eval import sampling
 
     cfg = make_cfg("eval.resolution=128", "eval.vae_tiling=true")
     components, _ = kept_base.acquire(cfg, torch.device("cpu"))
-    pipe = evaluate.build_pipeline(components)
+    pipe = sampling.build_pipeline(components)
     vae, tiled = pipe.vae, []
     real = type(vae).tiled_decode
     monkeypatch.setattr(type(vae), "tiled_decode", lambda self, *a, **k: tiled.append(1) or real(self, *a, **k))
     latents = torch.randn(1, 4, 16, 16)
-    image = evaluate.decode(pipe, latents, tiling=True)
+    image = sampling.decode(pipe, latents, tiling=True)
     assert tiled and image.size == (128, 128) and not vae.use_tiling
-    evaluate.decode(pipe, latents, tiling=False)
+    sampling.decode(pipe, latents, tiling=False)
     assert len(tiled) == 1

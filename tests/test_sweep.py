@@ -14,7 +14,8 @@ import pytest
 from conftest import cli_env
 from helpers import run_cli
 
-from sdsweep.sweep.preflight import expand_cells, preflight, prune_reason
+from sdsweep.sweep.preflight import expand_cells, preflight
+from sdsweep.sweep.prune import prune_reason
 from sdsweep.sweep.trial import run_trial
 
 

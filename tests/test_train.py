@@ -11,8 +11,8 @@ import torch
 from sdsweep.config.schema import ConfigError, validate
 from sdsweep.sweep import trial as trial_mod
 from sdsweep.sweep.trial import run_trial
-from sdsweep.train import loop as train_mod
-from sdsweep.train.loop import setup, train
+from sdsweep.train.loop import train
+from sdsweep.train.setup import setup
 
 TRAINABLE_OPTIONS = [
     ("adapter", "lora"), ("adapter", "dora"), ("adapter", "loha"), ("adapter", "lokr"),
@@ -35,7 +35,7 @@ def test_every_option_trains_the_adapter_and_leaves_the_base_alone(make_cfg, tmp
         overrides = [f"{group}={option}"]
     cfg = make_cfg(*overrides, steps=3)
     s = setup(cfg)
-    unet = s.accelerator.unwrap_model(s.components.unet)
+    unet = s.accelerator.unwrap_model(s.components.denoiser)
     adapter_before, base_before = _snapshot(unet, True), _snapshot(unet, False)
     te_before = [_snapshot(te, False) for te in s.components.text_encoders]
     metrics = train(cfg, s, tmp_path)
@@ -129,7 +129,7 @@ def test_sys_exit_inside_a_trial_is_a_failed_trial_not_the_end_of_the_sweep(make
     def exits(*args, **kwargs):
         raise SystemExit(3)
 
-    monkeypatch.setattr(train_mod, "setup", exits)
+    monkeypatch.setattr(trial_mod, "setup", exits)
     metrics = run_trial(make_cfg(), tmp_path)
     assert metrics["status"] == "failed" and "SystemExit" in metrics["reason"]
 
@@ -138,7 +138,7 @@ def test_simulated_out_of_memory_is_recorded_as_such(make_cfg, tmp_path, monkeyp
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_mod, "train", oom)
+    monkeypatch.setattr(trial_mod, "train", oom)
     metrics = run_trial(make_cfg(), tmp_path)
     assert metrics["status"] == "failed" and metrics["reason"] == "out of memory"
     assert "Tried to allocate" in metrics["detail"]
@@ -214,7 +214,7 @@ def test_compile_trains_through_dynamo_graphs_and_leaves_a_plain_unet(make_cfg, 
     assert len(graph_calls) >= 3  # at least one graph per training forward
     assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-4)
     assert (tmp_path / "compiled" / "adapter" / "pytorch_lora_weights.safetensors").exists()
-    kept = kept_base._kept["components"].unet
+    kept = kept_base._kept["components"].denoiser
     assert type(kept).__name__ == "UNet2DConditionModel"  # not an OptimizedModule
 
 

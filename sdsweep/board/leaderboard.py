@@ -1,6 +1,6 @@
 """Trial folders -> a ranked leaderboard: CSV, terminal table, W&B table, and report.html.
 
-`python -m sdsweep.leaderboard SWEEP_DIR` rebuilds everything from the folders alone (each
+`python -m sdsweep.board SWEEP_DIR` rebuilds everything from the folders alone (each
 trial's metrics.json, the base model's `base/<key>/base.json`); the Hydra callback runs the
 same code at the end of every multirun. Rows:
 
@@ -31,7 +31,8 @@ from typing import Any
 import pandas as pd
 
 from sdsweep.config.schema import GROUPS, EvalConfig
-from sdsweep.sweep.callbacks import read_trials
+from sdsweep.io import atomic_write_bytes
+from sdsweep.layout import SweepDir, TrialDir
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,12 @@ def default_weights() -> dict[str, float]:
 # --- rows ------------------------------------------------------------------------------------------
 
 
-def _seed(trial_dir: Path, overrides: list[str]) -> int | None:
+def trial_seed(trial: TrialDir, overrides: list[str]) -> int | None:
+    """The training seed of a trial: from its overrides, else its saved config."""
     for o in overrides:
         if o.startswith("seed="):
             return int(o.split("=", 1)[1])
-    saved = trial_dir / ".hydra" / "config.yaml"
+    saved = trial.config
     if saved.exists():
         from omegaconf import OmegaConf
 
@@ -73,11 +75,11 @@ def _seed(trial_dir: Path, overrides: list[str]) -> int | None:
     return None
 
 
-def trial_row(trial_dir: Path, m: dict) -> dict[str, Any]:
+def trial_row(trial: TrialDir, m: dict) -> dict[str, Any]:
     overrides = list(m.get("overrides") or [])
     config_key = ",".join(sorted(o for o in overrides if not o.startswith("seed="))) or "default"
     choices = m.get("choices") or {}
-    row: dict[str, Any] = {"trial": trial_dir.name, "config_key": config_key, "seed": _seed(trial_dir, overrides)}
+    row: dict[str, Any] = {"trial": trial.name, "config_key": config_key, "seed": trial_seed(trial, overrides)}
     row.update({g: choices.get(g) for g in GROUPS})
     row["overrides"] = " ".join(overrides)
     row.update({k: m.get(k) for k in RESOURCES if k != "it_per_s"})
@@ -95,10 +97,9 @@ def trial_row(trial_dir: Path, m: dict) -> dict[str, Any]:
 
 def base_rows(sweep_dir: Path, trials: list[dict]) -> list[dict[str, Any]]:
     """One row per base-model set sampled in this sweep (usually one; one per precision in a precision sweep)."""
-    files = sorted(Path(sweep_dir).glob("base/*/base.json")) + sorted(Path(sweep_dir).glob("*/base/*/base.json"))
     rows: dict[str, dict[str, Any]] = {}
-    for f in files:
-        b = json.loads(f.read_text())
+    for base in SweepDir(sweep_dir).bases():
+        b = json.loads(base.record.read_text())
         if b["key"] in rows:
             continue
         users = [t for t in trials if t.get("eval_base_key") == b["key"]]
@@ -259,7 +260,7 @@ def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.
 
     `weights`: the composite's; None reads those the sweep ran with (see `sweep_weights`)."""
     weights = {**default_weights(), **(sweep_weights(sweep_dir) if weights is None else weights)}
-    trials = [trial_row(d, m) for d, m in read_trials(Path(sweep_dir))]
+    trials = [trial_row(d, m) for d, m in SweepDir(sweep_dir).trials()]
     if not trials:
         raise NoTrials(f"{sweep_dir} holds no trial folders (no */metrics.json): give the folder a sweep "
                        "wrote, e.g. multirun/<date>/<time>, the one `python -m sdsweep -m ...` printed at the end")
@@ -289,8 +290,6 @@ def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
-    from sdsweep.io import atomic_write_bytes
-
     atomic_write_bytes(path, df.to_csv(index=False, float_format="%.6g").encode())
 
 
@@ -340,14 +339,15 @@ def write_all(sweep_dir: Path, weights: dict[str, float] | None = None, tracking
     """leaderboard.csv, leaderboard_trials.csv, report.html; the table on stdout; W&B when tracking is on."""
     from sdsweep.board.report import write_report
 
-    sweep_dir = Path(sweep_dir)
-    board, per_trial = build(sweep_dir, weights)
-    write_csv(board, sweep_dir / "leaderboard.csv")
-    write_csv(per_trial, sweep_dir / "leaderboard_trials.csv")
-    report = write_report(sweep_dir, board, per_trial)
+    sweep = SweepDir(sweep_dir)
+    board, per_trial = build(sweep.path, weights)
+    write_csv(board, sweep.leaderboard)
+    write_csv(per_trial, sweep.leaderboard_trials)
+    report = write_report(sweep.path, board, per_trial)
+    sweep_dir = sweep.path
     if echo:
         print(f"\nleaderboard of {sweep_dir} (composite: higher is better; * Pareto-optimal)\n{table(board)}\n"
-              f"-> {sweep_dir / 'leaderboard.csv'}\n-> {report}", flush=True)
+              f"-> {sweep.leaderboard}\n-> {report}", flush=True)
     log_wandb_table(board, sweep_dir, tracking, report)
     return board
 
@@ -356,7 +356,8 @@ def sweep_weights(sweep_dir: Path) -> dict[str, float]:
     """The score weights the sweep ran with: multirun.yaml, else a trial's .hydra/config.yaml, else the defaults."""
     from omegaconf import OmegaConf
 
-    candidates = [Path(sweep_dir) / "multirun.yaml", *sorted(Path(sweep_dir).glob("*/.hydra/config.yaml"))]
+    sweep = SweepDir(sweep_dir)
+    candidates = [sweep.multirun, *sweep.trial_configs()]
     for path in candidates:
         if path.exists():
             weights = OmegaConf.select(OmegaConf.load(path), "eval.score_weights")
@@ -366,7 +367,7 @@ def sweep_weights(sweep_dir: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdsweep.leaderboard",
+    parser = argparse.ArgumentParser(prog="python -m sdsweep.board",
                                      description="Rebuild leaderboard.csv and report.html from a sweep folder.")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--weight", action="append", default=[], metavar="METRIC=W",

@@ -18,6 +18,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from sdsweep.io import atomic_write_bytes
+from sdsweep.layout import SweepDir
+
 THUMB = 256  # longest side of an embedded image; keeps a 1024-px sweep's report a few MB
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
@@ -45,16 +48,11 @@ def _num(v, spec: str = ".3g") -> str:
         return _e(v)
 
 
-def _seed(v) -> str:
+def _seed_text(v) -> str:
     return "" if v is None or pd.isna(v) else str(int(v))
 
 
 TIPS = [("clip_score", "CLIP"), ("content_cos", "content"), ("style_centroid_cos", "style")]
-
-
-def _base_folder(sweep_dir: Path, key: str) -> Path | None:
-    found = sorted(sweep_dir.glob(f"base/{key}")) + sorted(sweep_dir.glob(f"*/base/{key}"))
-    return found[0] if found else None
 
 
 # --- the grid --------------------------------------------------------------------------------------
@@ -64,13 +62,13 @@ def _grid(sweep_dir: Path, per_trial: pd.DataFrame) -> str:
     rows, columns = [], []
     for _, t in per_trial.iterrows():
         if t["status"] == "reference":
-            folder = _base_folder(sweep_dir, t["eval_base_key"])
-            record = json.loads((folder / "base.json").read_text()) if folder else {}
-            images = folder / "samples" if folder else None
+            base = SweepDir(sweep_dir).base(t["eval_base_key"])
+            record = json.loads(base.record.read_text()) if base else {}
+            images = base.samples if base else None
         else:
-            metrics_file = sweep_dir / t["trial"] / "metrics.json"
-            record = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-            images = sweep_dir / t["trial"] / "samples"
+            trial = SweepDir(sweep_dir).trial(t["trial"])
+            record = trial.read_metrics() or {}
+            images = trial.samples
         cells = {(r["prompt"], r["seed"]): r for r in record.get("eval_images") or []}
         for key in cells:
             if key not in columns:
@@ -86,7 +84,7 @@ def _grid(sweep_dir: Path, per_trial: pd.DataFrame) -> str:
             label += "<br><small>reference</small>"
         else:
             rank = t.get("config_rank")
-            label += f"<br><small>seed {_seed(t['seed'])}" + (f" · rank {rank}" if not pd.isna(rank) else "") + "</small>"
+            label += f"<br><small>seed {_seed_text(t['seed'])}" + (f" · rank {rank}" if not pd.isna(rank) else "") + "</small>"
         if t["status"] not in ("finished", "reference") or not cells:
             why = t["reason"] or "no images"
             body.append(f"<tr><th class=row>{label}</th><td class=failed colspan={len(columns)}>"
@@ -222,12 +220,12 @@ def _point_label(c: _Chart, x: float, y: float, text: str) -> str:
 def _loss_chart(sweep_dir: Path, per_trial: pd.DataFrame) -> str:
     curves = []
     for _, t in per_trial.iterrows():
-        f = sweep_dir / str(t["trial"]) / "metrics.json"
-        if t["status"] == "reference" or not f.exists():
+        record = SweepDir(sweep_dir).trial(str(t["trial"])).read_metrics()
+        if t["status"] == "reference" or record is None:
             continue
-        losses = [v for v in json.loads(f.read_text()).get("losses") or [] if v is not None and math.isfinite(v)]
+        losses = [v for v in record.get("losses") or [] if v is not None and math.isfinite(v)]
         if losses:
-            curves.append((f"{t['config']} (seed {_seed(t['seed'])})", losses))
+            curves.append((f"{t['config']} (seed {_seed_text(t['seed'])})", losses))
     if not curves:
         return "<p>No loss curves recorded.</p>"
     xs = [1, max(len(v) for _, v in curves)]
@@ -268,7 +266,7 @@ def render(sweep_dir: Path, board: pd.DataFrame, per_trial: pd.DataFrame) -> str
 <body>
 <h1>sdsweep: {_e(sweep_dir)}</h1>
 <div class=sub>{len(per_trial)} rows · {finished} configurations finished · {failed} failed ·
-written {datetime.now():%Y-%m-%d %H:%M} · rebuild with <code>python -m sdsweep.leaderboard {_e(sweep_dir)}</code></div>
+written {datetime.now():%Y-%m-%d %H:%M} · rebuild with <code>python -m sdsweep.board {_e(sweep_dir)}</code></div>
 <h2>Images: one row per trial, the base model first; one column per prompt and seed</h2>
 {_grid(sweep_dir, per_trial)}
 <h2>Leaderboard</h2>
@@ -285,8 +283,6 @@ training time)<br>{_pareto_chart(board)}</div>
 
 
 def write_report(sweep_dir: Path, board: pd.DataFrame, per_trial: pd.DataFrame) -> Path:
-    from sdsweep.io import atomic_write_bytes
-
-    path = Path(sweep_dir) / "report.html"
+    path = SweepDir(sweep_dir).report
     atomic_write_bytes(path, render(Path(sweep_dir), board, per_trial).encode("utf-8"))
     return path

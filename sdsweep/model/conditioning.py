@@ -50,7 +50,7 @@ def prompt_embeddings(components: Components, parts: dict[str, torch.Tensor]) ->
     if components.family != "sd3":
         return parts["hidden"], parts.get("pooled")
     clip = parts["clip"]
-    joint_dim = components.unet.config.joint_attention_dim
+    joint_dim = components.denoiser.config.joint_attention_dim
     t5 = parts.get("t5")
     if t5 is None:
         # no T5 (model.drop_t5): zeros in its place, as StableDiffusion3Pipeline does without text_encoder_3

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from sdsweep.config.schema import ModelConfig, PrecisionConfig
+from sdsweep.model.precision import DTYPES
 from sdsweep.model.tiny import ensure_tiny_model
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ModelLoadError(RuntimeError):
@@ -31,13 +30,14 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 class Components:
     """Everything a trial needs from the base model.
 
-    `unet` is the denoiser of every family (SD3's MMDiT transformer too), so the training loop
-    is the same for all; `adapters.save_adapter` names it `transformer` in SD3's files.
+    `denoiser` is the UNet (sd15, sdxl) or SD3's MMDiT transformer, so the training loop is the
+    same for all. In `modules()` (and so in checkpoint keys) its slot is named "unet" for every
+    family; `adapters.save_adapter` names it `transformer` in SD3's files.
     """
 
     family: str
     source: str
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     vae: torch.nn.Module
     text_encoders: list[torch.nn.Module]
     tokenizers: list
@@ -45,7 +45,7 @@ class Components:
     extra: dict = field(default_factory=dict)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        named = {"unet": self.unet, "vae": self.vae}
+        named = {"unet": self.denoiser, "vae": self.vae}
         for i, te in enumerate(self.text_encoders):
             named["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = te
         return named
@@ -311,10 +311,10 @@ def place(components: Components, precision: PrecisionConfig, device: torch.devi
     component for training under `precision`. Adapter weights are upcast to fp32 after they are attached."""
     dtypes = storage_dtypes(precision)
     if precision.quantize != "none":
-        quantize_unet(components.unet, precision.quantize, dtypes["denoiser"])
-        components.unet.to(device)
+        quantize_unet(components.denoiser, precision.quantize, dtypes["denoiser"])
+        components.denoiser.to(device)
     else:
-        components.unet.to(device, dtype=dtypes["denoiser"])
+        components.denoiser.to(device, dtype=dtypes["denoiser"])
     components.vae.to(device, dtype=dtypes["vae"])
     for te in components.text_encoders:
         te.to(device, dtype=dtypes["t5" if type(te).__name__.startswith("T5") else "text"])

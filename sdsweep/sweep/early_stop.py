@@ -21,13 +21,14 @@ clearly behind (raise `margin` to stop only those).
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from sdsweep.layout import TrialDir
 
 COMPARABLE = ("model", "data")
 """Config nodes a peer must share: another model or data set has another loss scale altogether."""
@@ -76,9 +77,9 @@ def _trained_on(cfg: DictConfig) -> dict:
     return nodes
 
 
-def _peer_trained_on(folder: Path) -> dict | None:
+def _peer_trained_on(trial: TrialDir) -> dict | None:
     try:
-        return _trained_on(OmegaConf.load(folder / ".hydra" / "config.yaml"))
+        return _trained_on(OmegaConf.load(trial.config))
     except Exception:  # noqa: BLE001 - no or unreadable config: not a peer
         return None
 
@@ -86,20 +87,17 @@ def _peer_trained_on(folder: Path) -> dict | None:
 def peer_losses(trial_dir: Path, step: int, max_steps: int, window: int, trained_on: dict) -> list[float]:
     """The smoothed losses at `step` of the finished trials of the same sweep that trained the same
     model on the same data (`trained_on`); none outside a sweep."""
-    trial_dir = Path(trial_dir)
-    sweep = trial_dir.parent
-    if not (sweep / "multirun.yaml").exists():  # a single run: its siblings are unrelated runs
+    trial = TrialDir(trial_dir)
+    sweep = trial.sweep
+    if sweep is None:  # a single run: its siblings are unrelated runs
         return []
     values = []
-    for path in sorted(sweep.glob("*/metrics.json")):
-        if path.parent == trial_dir:
-            continue
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+    for peer in sweep.trial_dirs():
+        m = peer.read_metrics()
+        if peer.path == trial.path or m is None:
             continue
         if (m.get("status") == "finished" and m.get("steps") == max_steps
-                and _peer_trained_on(path.parent) == trained_on):
+                and _peer_trained_on(peer) == trained_on):
             value = window_mean(m.get("losses") or [], step, window)
             if value is not None:
                 values.append(value)
@@ -117,3 +115,21 @@ def verdict(cfg: DictConfig, trial_dir: Path, losses: list[float], step: int) ->
     if mine > median * (1 + es.margin):
         return Stop(step, cfg.train.max_steps, mine, median, len(peers))
     return None
+
+
+class Stopper:
+    """Early stopping as the training loop asks for it: at each check step the losses have reached,
+    the verdict against the sweep's finished peers (train/loop.py's Stopper protocol)."""
+
+    def __init__(self, cfg: DictConfig, trial_dir: Path):
+        self.cfg, self.trial_dir, self.checks = cfg, trial_dir, check_steps(cfg)
+
+    def due(self, steps_logged: int) -> bool:
+        """Whether a check step has been reached (the same answer on every process of a trial)."""
+        return bool(self.checks) and self.checks[0] <= steps_logged
+
+    def check(self, losses: list[float]) -> Stop | None:
+        stop = None
+        while stop is None and self.due(len(losses)):
+            stop = verdict(self.cfg, self.trial_dir, losses, self.checks.pop(0))
+        return stop

@@ -20,13 +20,19 @@ import torch
 from omegaconf import DictConfig
 
 from sdsweep.config.schema import ConfigError, validate
+from sdsweep.eval.evaluate import evaluate_trial
+from sdsweep.eval.sampling import sample_validation
 from sdsweep.io import atomic_write_json
+from sdsweep.layout import TrialDir
 from sdsweep.model import adapters, kept_base
 from sdsweep.model import load as models
+from sdsweep.sweep.early_stop import Stopper
 from sdsweep.sweep.estimate import estimate_peak
-from sdsweep.sweep.preflight import config_fingerprint, finished_result, prune_reason
-from sdsweep.train import loop as training
+from sdsweep.sweep.prune import prune_reason
+from sdsweep.sweep.resume import config_fingerprint, finished_result
+from sdsweep.train.loop import train
 from sdsweep.train.meters import MemoryMeter
+from sdsweep.train.setup import Setup, denoiser, restore_offloaded, setup
 from sdsweep.train.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -80,12 +86,12 @@ def process_rank() -> int:
 
 def _write_metrics(trial_dir: Path, metrics: dict) -> None:
     if process_rank() == 0:
-        atomic_write_json(trial_dir / "metrics.json", metrics)
+        atomic_write_json(TrialDir(trial_dir).metrics, metrics)
 
 
 def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: str | None, trial_number: int) -> dict:
     started = time.perf_counter()
-    s: training.Setup | None = None
+    s: Setup | None = None
     memory: MemoryMeter | None = None
     tracker: Tracker = Tracker()
     clean = False
@@ -95,8 +101,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         if main:
             tracker = make_tracker(cfg, trial_dir, metrics["choices"],
                                    group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
-        s = training.setup(cfg, trial_number)
-        s.memory = memory
+        s = setup(cfg, trial_number, memory)
         metrics.update(
             device=str(s.device),
             data=s.data_report,
@@ -105,11 +110,12 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             **s.timings,
             offloaded_during_training=s.offloaded,
         )
-        metrics.update(training.train(cfg, s, trial_dir, tracker))
+        hook = _validation_hook(cfg, s, trial_dir, tracker)
+        metrics.update(train(cfg, s, trial_dir, tracker, Stopper(cfg, trial_dir), hook))
         stopped = "early_stopped_at_step" in metrics  # kept (its adapter too), but not worth evaluating
         if main:
             clock = time.perf_counter()
-            adapter_dir = adapters.save_adapter(trial_dir / "adapter", s.components.family, cfg.adapter.kind,
+            adapter_dir = adapters.save_adapter(TrialDir(trial_dir).adapter, s.components.family, cfg.adapter.kind,
                                                 _unwrapped_modules(s))
             metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
             metrics["save_s"] = time.perf_counter() - clock
@@ -118,8 +124,6 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         _free_training_state(s)
         if main and not stopped:
             # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
-            from sdsweep.eval.evaluate import evaluate_trial
-
             eval_memory = MemoryMeter(s.device)
             metrics.update(evaluate_trial(cfg, trial_dir, s.components))
             if cfg.eval.enabled:
@@ -150,25 +154,38 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
     return metrics
 
 
-def _unwrapped_modules(s: training.Setup) -> dict[str, torch.nn.Module]:
+def _validation_hook(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker):
+    """Sample the eval prompts and seeds at a training step (tracking.validation_every), with fixed
+    seeds, so a grid cell compares across trials and time; None when validation is off."""
+    if not cfg.tracking.validation_every:
+        return None
+
+    def validate_at(step: int) -> None:
+        samples = sample_validation(cfg, s.components, s.autocast_dtype, TrialDir(trial_dir).validation(step))
+        tracker.log_images("validation", [(f"{x.prompt} (seed {x.seed})", x.image) for x in samples], step)
+
+    return validate_at
+
+
+def _unwrapped_modules(s: Setup) -> dict[str, torch.nn.Module]:
     modules = s.components.modules()
-    modules["unet"] = training.denoiser(s)
+    modules["unet"] = denoiser(s)
     return modules
 
 
-def _free_training_state(s: training.Setup) -> None:
+def _free_training_state(s: Setup) -> None:
     """Optimizer state and gradients leave the GPU before evaluation samples with the same models."""
     s.optimizer.zero_grad(set_to_none=True)
     s.optimizer.state.clear()
     s.accelerator.free_memory()
-    s.components.unet = training.denoiser(s)
+    s.components.denoiser = denoiser(s)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    training.restore_offloaded(s)
+    restore_offloaded(s)
 
 
-def _release(cfg: DictConfig, s: training.Setup | None, clean: bool) -> None:
+def _release(cfg: DictConfig, s: Setup | None, clean: bool) -> None:
     """Free the trial's optimizer state (and its models, unless kept for the next trial)."""
     from accelerate.state import AcceleratorState
 
@@ -176,7 +193,7 @@ def _release(cfg: DictConfig, s: training.Setup | None, clean: bool) -> None:
         s.accelerator.free_memory()
         components = s.components
         if components is not None:
-            components.unet = training.denoiser(s)
+            components.denoiser = denoiser(s)
         s.components = s.optimizer = s.trainable = None  # type: ignore[assignment]
         try:
             kept_base.give_back(cfg, components, s.device, clean)

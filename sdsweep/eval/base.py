@@ -1,0 +1,59 @@
+"""The base model's images and scores, sampled once per sweep and shared by every trial.
+
+`<sweep>/base/<key>/` (layout.BaseDir), keyed by what they depend on: model, precision, device,
+prompts, seeds and the evaluation settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from sdsweep.eval.sampling import Sample, generate, read_prompts
+from sdsweep.eval.scorer import Scorer
+from sdsweep.io import atomic_dir, atomic_write_json
+from sdsweep.layout import BaseDir
+
+log = logging.getLogger(__name__)
+
+
+def base_samples_key(cfg: DictConfig, source: str, device: torch.device) -> tuple[str, dict]:
+    """What the base model's images and scores depend on, and a short hash of it (the folder name)."""
+    e, m, p = cfg.eval, cfg.model, cfg.precision
+    info = {
+        "model": source, "family": m.family, "vae": m.vae, "revision": m.revision, "variant": m.variant,
+        "precision": {k: p[k] for k in ("mixed_precision", "base_dtype", "vae_dtype", "quantize")},
+        "device": device.type, "prompts": read_prompts(e), "data": cfg.data.path or "builtin",
+        **{k: OmegaConf.to_container(e[k]) if OmegaConf.is_config(e[k]) else e[k]
+           for k in ("seeds", "steps", "guidance_scale", "resolution", "metrics", "clip_model", "clip_pretrained",
+                     "max_reference_images", "kid_subsets")},
+    }
+    return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12], info
+
+
+def ensure_base(cfg: DictConfig, pipe, base: BaseDir, info: dict, scorer: Scorer,
+                autocast_dtype: torch.dtype | None) -> list[Sample]:
+    """The base model's samples in `base`: read back if a trial of this sweep drew them, else drawn now
+    (from `pipe`, which must hold no adapter) and written with their scores, atomically."""
+    if base.exists():
+        record = json.loads(base.record.read_text())
+        return [Sample(r["prompt"], r["seed"], r["file"], Image.open(base.samples / r["file"]).convert("RGB"))
+                for r in record["eval_images"]]
+    started = time.perf_counter()
+    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype)
+    scores, rows = scorer.score(samples, base=None)
+    with atomic_dir(base.path) as tmp:
+        staged = BaseDir(tmp)
+        staged.samples.mkdir()
+        for s in samples:
+            s.image.save(staged.samples / s.file)
+        atomic_write_json(staged.record, {"key": base.key, "settings": info, "status": "reference", **scores,
+                                          "eval_images": rows, "eval_s": time.perf_counter() - started})
+    log.info("base model sampled once for this sweep: %s", base.path)
+    return samples

@@ -1,0 +1,96 @@
+"""The scorer of a trial's images: the CLIP model and the reference images, loaded once, and the metrics."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from sdsweep.config.schema import CLIP_METRICS
+from sdsweep.eval import metrics as M
+from sdsweep.eval.sampling import Sample
+
+PREFIX = "eval/"
+
+
+def reference_images(cfg: DictConfig) -> list[Image.Image]:
+    """The style reference: the training images, evenly spaced over the set, at most eval.max_reference_images."""
+    from sdsweep.data.dataset import decode_image, ensure_builtin_dataset, scan_folder
+
+    folder = Path(cfg.data.path).expanduser() if cfg.data.path else ensure_builtin_dataset(cfg.model.cache_dir)
+    records = scan_folder(folder, cfg.data.min_size).records
+    k = min(len(records), cfg.eval.max_reference_images)
+    picks = sorted(set(np.linspace(0, len(records) - 1, k).round().astype(int).tolist())) if k else []
+    return [decode_image(records[i].path) for i in picks]
+
+
+class Scorer:
+    """What scoring needs once per trial: the CLIP model (loaded first, so that weights that cannot
+    load fail in seconds, before any sampling) and the reference images."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device):
+        e = cfg.eval
+        self.metrics, self.kid_subsets, self.device = set(e.metrics), e.kid_subsets, device
+        self.clip = None
+        if self.metrics & set(CLIP_METRICS):
+            self.clip = M.load_clip(e.clip_model, e.clip_pretrained, cfg.model.cache_dir)
+        self.references = reference_images(cfg)
+
+    @contextmanager
+    def _clip_on_device(self):
+        """CLIP joins the device only while it scores, and goes back to the CPU (and the per-process
+        cache) afterwards: it never sits in VRAM during sampling or in a later trial's figures."""
+        model = self.clip.model if self.clip else None
+        try:
+            if model is not None:
+                model.to(self.device)
+            yield
+        finally:
+            if model is not None:
+                model.to("cpu")
+
+    def score(self, samples: list[Sample], base: list[Sample] | None) -> tuple[dict, list[dict]]:
+        """Set-level metrics ("eval/...") and per-image records; `base` None scores the base model itself."""
+        with self._clip_on_device():
+            return self._score(samples, base)
+
+    def _score(self, samples: list[Sample], base: list[Sample] | None) -> tuple[dict, list[dict]]:
+        out: dict = {f"{PREFIX}images": len(samples), f"{PREFIX}references": len(self.references)}
+        rows = [{"prompt": s.prompt, "seed": s.seed, "file": s.file} for s in samples]
+        if self.clip:
+            emb = self.clip.encode_images([s.image for s in samples], self.device)
+            ref_emb = self.clip.encode_images(self.references, self.device)
+            out[f"{PREFIX}clip_model"] = self.clip.name
+        if "clip_score" in self.metrics:
+            text = self.clip.encode_texts([s.prompt for s in samples], self.device)
+            out[f"{PREFIX}clip_score"] = M.clip_score(emb, text)
+            for row, value in zip(rows, M.clip_scores(emb, text).tolist()):
+                row["clip_score"] = max(value, 0.0)
+        if "style" in self.metrics:
+            out.update({PREFIX + k: v for k, v in M.style_similarity(emb, ref_emb).items()})
+            centroid = torch.nn.functional.normalize(ref_emb.mean(0), dim=-1)
+            for row, value in zip(rows, (emb @ centroid).tolist()):
+                row["style_centroid_cos"] = value
+        if "kid" in self.metrics:
+            try:
+                out[f"{PREFIX}kid"], out[f"{PREFIX}kid_std"] = M.kid(emb, ref_emb, self.kid_subsets)
+            except ValueError as err:  # too few images: say so rather than invent a number
+                out[f"{PREFIX}kid"] = None
+                out[f"{PREFIX}notes"] = str(err)
+        if "random_style" in self.metrics:
+            images = [s.image for s in samples]
+            out[f"{PREFIX}gram_distance"] = M.gram_distance(images, self.references)
+            out[f"{PREFIX}color_distance"] = M.color_distance(images, self.references)
+        if "content" in self.metrics:
+            if base is None:
+                cos = torch.ones(len(samples))  # the base model against itself
+            else:
+                cos = M.content_similarity(emb, self.clip.encode_images([b.image for b in base], self.device))
+            out[f"{PREFIX}content_cos"] = float(cos.mean())
+            for row, value in zip(rows, cos.tolist()):
+                row["content_cos"] = value
+        return out, rows

@@ -1,0 +1,88 @@
+"""Cells that are valid but cannot run on this machine, and why.
+
+A quantized base without CUDA, bf16 on a GPU that only emulates it, an adapter peft cannot put on
+quantized layers, text-encoder adapters that the installed transformers refuses with the installed
+peft, a predicted peak over sweep.vram_budget_gb: such a cell is not an error. It is pruned, with
+its reason in the trial's metrics.json and the sweep summary, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from sdsweep.sweep.estimate import estimate_peak
+
+
+def runs_on_cuda(cfg: DictConfig) -> bool:
+    return torch.cuda.is_available() and cfg.device != "cpu"
+
+
+def prune_reason(cfg: DictConfig) -> str | None:
+    """Why this cell cannot run on this machine, or None."""
+    pr, cuda = cfg.precision, runs_on_cuda(cfg)
+    if pr.quantize != "none" and not cuda:
+        return (f"precision={pr.name} quantizes the base with bitsandbytes, which needs a CUDA GPU; "
+                "use precision=fp16, bf16 or fp32 here")
+    if pr.quantize != "none" and cfg.adapter.kind in ("loha", "lokr"):
+        return (f"adapter={cfg.adapter.kind} with precision={pr.name}: peft has no {cfg.adapter.kind} layer for "
+                "bitsandbytes-quantized weights; use adapter=lora or dora with a quantized base")
+    if cuda and "bf16" in (pr.mixed_precision, pr.base_dtype) and torch.cuda.get_device_capability() < (8, 0):
+        name = torch.cuda.get_device_name()
+        return (f"precision={pr.name} on {name} (compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability()))}): bf16 is emulated before Ampere "
+                "(8.0) and runs several times slower; use precision=fp16")
+    if cfg.text_encoder.train and (reason := text_encoder_peft_reason()):
+        return reason
+    if cuda:
+        return over_budget_reason(cfg)
+    return None
+
+
+def text_encoder_peft_reason() -> str | None:
+    """Why transformers refuses adapters on its text encoders with the installed peft, or None.
+
+    transformers checks its own minimum peft version when an adapter is added, not in its package
+    metadata, so pip happily installs a transformers that needs a peft not yet released (5.24 needs
+    peft 0.22). The UNet's adapters are unaffected; only text_encoder=lora cells cannot train."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:  # an older transformers without the constant: its integration takes any peft
+        return None
+    installed = version("peft")
+    if Version(installed) >= Version(MIN_PEFT_VERSION):
+        return None
+    return (f"text_encoder=lora: the installed transformers {version('transformers')} puts adapters on text "
+            f"encoders only with peft>={MIN_PEFT_VERSION}, and peft {installed} is installed; "
+            f"pip install 'peft>={MIN_PEFT_VERSION}' or reinstall sdsweep (pip install -e .), "
+            "whose requirements keep the two compatible")
+
+
+def over_budget_reason(cfg: DictConfig) -> str | None:
+    """Why this cell would not fit `sweep.vram_budget_gb`, or None (no budget, fits, or no prediction).
+
+    Only for trials that will run on CUDA: a CPU trial has no VRAM to exhaust (its prediction is
+    still recorded in metrics.json by run_trial)."""
+    budget = cfg.sweep.vram_budget_gb
+    if not budget:
+        return None
+    estimate = estimate_peak(cfg)
+    if estimate.fits(budget):
+        return None
+    fixes = []
+    if not cfg.train.gradient_checkpointing:
+        fixes.append("train.gradient_checkpointing=true")
+    if cfg.optimizer.name != "adamw8bit":
+        fixes.append("optimizer=adamw8bit")
+    if cfg.precision.base_dtype == "fp32":
+        fixes.append("precision=fp16 (bf16 on Ampere or newer)")
+    if cfg.train.batch_size > 1:
+        fixes.append("a lower train.batch_size with train.grad_accum")
+    fixes += ["a lower data.resolution", "or raise the budget"]
+    return (f"predicted peak {estimate.device_gb:.1f} GiB ({estimate.total_gb:.1f} allocated, "
+            f"peak in the {estimate.peak_phase}, + allocator slack and CUDA context) > "
+            f"sweep.vram_budget_gb={budget:g}: try {', '.join(fixes)}")

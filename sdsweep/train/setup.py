@@ -1,0 +1,200 @@
+"""Setting up one trial's training: data, the base model, the feature cache, adapters, optimizer.
+
+`setup` reads as a table of contents; each `_setup_*` step is one stage of it. trial.py runs a
+trial around this (metrics.json, failures, evaluation); this module raises on failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from omegaconf import DictConfig
+
+from sdsweep.data import cache
+from sdsweep.data.dataset import CaptionedImages, count_long_captions, load_dataset
+from sdsweep.model import adapters, kept_base
+from sdsweep.model import load as models
+from sdsweep.model.precision import autocast_dtype_of
+from sdsweep.train.meters import MemoryMeter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    components: models.Components
+    device: torch.device
+    dataset: CaptionedImages
+    data_report: dict
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    accelerator: object
+    autocast_dtype: torch.dtype | None
+    memory: MemoryMeter
+    timings: dict
+    """Seconds spent reading data, loading the base (0 when kept from the last trial), filling the cache."""
+    offloaded: list[str]
+    """Frozen modules parked in CPU memory while training (see offload_cached_encoders)."""
+
+
+def setup(cfg: DictConfig, trial_number: int = 0, memory: MemoryMeter | None = None) -> Setup:
+    """Everything the loop needs. `memory`: the caller's meter, started before set-up so that its
+    peak covers loading too (a fresh one when None)."""
+    device = models.resolve_device(cfg.device, trial_number)
+    accelerator = _setup_accelerator(device)
+    timings: dict = {}
+    autocast_dtype = autocast_dtype_of(cfg.precision)
+    # the main process builds tiny models, data and cache entries first; the others then read them
+    with accelerator.main_process_first():
+        dataset, data_report, components = _setup_data_and_base(cfg, device, autocast_dtype, timings)
+    offloaded = offload_cached_encoders(cfg, components, data_report["cache"], device)
+    trained_encoders = _attach_adapters(cfg, components)
+    trainable = {f"{name}.{pname}": p for name, module in components.modules().items()
+                 for pname, p in module.named_parameters() if p.requires_grad}
+    optimizer, scheduler = _setup_optimizer(cfg, components, trained_encoders, device)
+    # Mixed precision is autocast + GradScaler from torch.amp rather than accelerate's, because
+    # accelerate silently turns fp16 off on a CPU, and precision=fp16 must mean fp16 everywhere.
+    # accelerate still owns device placement, multi-GPU (DDP) and gradient-accumulation syncs.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.mixed_precision == "fp16")
+    if cfg.train.compile:
+        components.denoiser = compiled(components.denoiser, cfg.train)
+    components.denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)
+    return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler, accelerator,
+                 autocast_dtype, memory or MemoryMeter(device), timings, offloaded)
+
+
+def _setup_accelerator(device: torch.device):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if device.type == "cuda" and device.index is not None:
+        # accelerate places models on the *current* CUDA device: make it this trial's GPU
+        torch.cuda.set_device(device)
+    # under `accelerate launch` / torchrun this joins the other processes of the trial (DDP). They
+    # wait for the main one while it downloads the base, fills the cache, or samples validation
+    # images: far longer than the default collective timeout (10 min with nccl)
+    return Accelerator(cpu=device.type == "cpu", kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
+
+
+def _setup_data_and_base(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dtype | None,
+                         timings: dict) -> tuple[CaptionedImages, dict, models.Components]:
+    """The data set, the base model (kept from the last trial or loaded) and the filled feature cache."""
+    clock = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    # data first: a folder without captions should fail in a second, not after loading SDXL
+    dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
+    timings["data_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    components, timings["base_reused"] = kept_base.acquire(cfg, device)
+    timings["load_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    report.truncated_captions = count_long_captions(dataset.records, components.tokenizers)
+    data_report = report.summary()
+    # before any adapter is attached: the cache keys hash the frozen modules as loaded. The encoders
+    # fill it with the denoiser parked in CPU memory: at 1024 px the fp32 VAE's activations would
+    # otherwise sit on top of SDXL's UNet (bitsandbytes layers stay where they are)
+    park = cfg.cache.enabled and device.type == "cuda" and cfg.precision.quantize == "none"
+    if park:
+        components.denoiser.to("cpu")
+    data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
+    if park:
+        components.denoiser.to(device)
+    timings["cache_s"] = time.perf_counter() - clock
+    return dataset, data_report, components
+
+
+def _attach_adapters(cfg: DictConfig, components: models.Components) -> list[torch.nn.Module]:
+    """Adapters on the denoiser (and the text encoders with text_encoder=lora); returns the trained encoders."""
+    # adapter initialisation depends on the seed alone, not on what set-up drew before it
+    # (filling the cache or not must not change the trial)
+    torch.manual_seed(cfg.seed)
+    name = "transformer" if components.family == "sd3" else "unet"
+    adapters.attach(components.denoiser, cfg.adapter, adapters.denoiser_patterns(cfg.targets, components.family), name)
+    trained_encoders = components.trainable_text_encoders if cfg.text_encoder.train else []
+    for i, te in enumerate(trained_encoders):
+        adapters.attach(te, cfg.adapter, list(cfg.text_encoder.patterns), f"text encoder {i + 1}")
+        te.train()  # adapter dropout acts only in training mode (the frozen CLIP has no dropout of its own)
+    if cfg.train.gradient_checkpointing:
+        for module in [components.denoiser, *trained_encoders]:
+            models.set_checkpointing(module, True)
+    components.denoiser.train()
+    return trained_encoders
+
+
+def _setup_optimizer(cfg: DictConfig, components: models.Components, trained_encoders: list[torch.nn.Module],
+                     device: torch.device):
+    from diffusers.optimization import get_scheduler
+
+    te_lr = cfg.text_encoder.lr or cfg.train.lr
+    if trained_encoders and cfg.optimizer.name == "prodigy" and te_lr != cfg.train.lr:
+        # Prodigy estimates one step size for all groups and refuses different lrs (as diffusers'
+        # scripts do, the text encoders then use train.lr, which is Prodigy's multiplier)
+        log.warning("optimizer=prodigy: text_encoder.lr=%s is ignored; the text encoders use train.lr=%s",
+                    te_lr, cfg.train.lr)
+        te_lr = cfg.train.lr
+    groups = [{"params": adapters.trainable_parameters(components.denoiser), "lr": cfg.train.lr}]
+    if trained_encoders:
+        groups.append({"params": [p for te in trained_encoders for p in adapters.trainable_parameters(te)],
+                       "lr": te_lr})
+    optimizer = build_optimizer(cfg, groups, device)
+    scheduler = get_scheduler(cfg.optimizer.scheduler, optimizer, num_warmup_steps=cfg.optimizer.warmup_steps,
+                              num_training_steps=cfg.train.max_steps)
+    return optimizer, scheduler
+
+
+def build_optimizer(cfg: DictConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    common = dict(weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+    if o.name == "adamw":
+        # the fused kernel is one launch for all parameters instead of several per tensor
+        return torch.optim.AdamW(groups, fused=device.type == "cuda", **common)
+    if o.name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **common)
+    from prodigyopt import Prodigy
+
+    return Prodigy(groups, d_coef=o.d_coef, safeguard_warmup=o.warmup_steps > 0, use_bias_correction=True, **common)
+
+
+def compiled(module: torch.nn.Module, train_cfg: DictConfig) -> torch.nn.Module:
+    """`module` behind torch.compile (train.compile_backend, train.compile_mode). A wrapper, not
+    Module.compile(): the module itself stays plain for saving, evaluation and the next trial, and
+    denoiser() takes the wrapper off with the others."""
+    mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
+    return torch.compile(module, backend=train_cfg.compile_backend, mode=mode)
+
+
+def denoiser(s: Setup) -> torch.nn.Module:
+    """The trial's UNet / SD3 transformer itself, out of what training wraps it in (DDP, torch.compile)."""
+    return s.accelerator.unwrap_model(s.components.denoiser, keep_torch_compile=False)
+
+
+def offload_cached_encoders(cfg: DictConfig, components: models.Components, cache_report: dict,
+                            device: torch.device) -> list[str]:
+    """The frozen modules a training step never calls (their outputs all come from the cache): they
+    wait in CPU memory until evaluation, so the GPU holds the denoiser and the adapter alone
+    during training. Returns their names (also on a CPU, where nothing moves)."""
+    if cfg.tracking.validation_every:
+        return []  # validation samples during training: everything stays where sampling needs it
+    names = []
+    if isinstance(cache_report.get("latents"), dict):
+        names.append("vae")
+    if isinstance(cache_report.get("text"), dict):
+        names += [n for n in components.modules() if n.startswith("text_encoder")]
+    if device.type == "cuda":
+        for name in names:
+            components.modules()[name].to("cpu")
+    return names
+
+
+def restore_offloaded(s: Setup) -> None:
+    """Back to the training device: for evaluation, and for the next trial that keeps the base."""
+    modules = s.components.modules()
+    for name in s.offloaded:
+        modules[name].to(s.device)
+    s.offloaded = []
