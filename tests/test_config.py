@@ -8,7 +8,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from sdsweep.config.schema import ConfigError, validate
+from sdsweep.config.schema import ConfigError
+from sdsweep.config.validate import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_OPTIONS = {

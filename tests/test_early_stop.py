@@ -72,7 +72,8 @@ def test_no_stop_without_enough_peers_or_outside_a_sweep(tmp_path, sweep, es_cfg
 
 
 def test_bad_early_stop_settings_are_refused(make_cfg):
-    from sdsweep.config.schema import ConfigError, validate
+    from sdsweep.config.schema import ConfigError
+    from sdsweep.config.validate import validate
 
     with pytest.raises(ConfigError, match="sweep.early_stop.at"):
         validate(make_cfg("sweep.early_stop.enabled=true", "sweep.early_stop.at=[1.5]"))

@@ -15,7 +15,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sdsweep.config.schema import ConfigError, validate
+from sdsweep.config.schema import ConfigError
+from sdsweep.config.validate import validate
 from sdsweep.eval import base as eval_base
 from sdsweep.eval import evaluate, sampling
 from sdsweep.eval import metrics as M

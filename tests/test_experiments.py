@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from sdsweep.config.schema import validate
+from sdsweep.config.validate import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 STUDIES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

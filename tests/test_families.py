@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from sdsweep.config.schema import ConfigError, TrainConfig, validate
+from sdsweep.config.schema import ConfigError, TrainConfig
+from sdsweep.config.validate import validate
 from sdsweep.model import adapters
 from sdsweep.model import load as models
 from sdsweep.model.conditioning import encode_text, prompt_embeddings

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from sdsweep.config.schema import ConfigError, validate
+from sdsweep.config.schema import ConfigError
+from sdsweep.config.validate import validate
 from sdsweep.sweep import trial as trial_mod
 from sdsweep.sweep.trial import run_trial
 from sdsweep.train.loop import train

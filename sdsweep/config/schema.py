@@ -3,18 +3,17 @@
 `conf/config.yaml` starts its defaults list with `sdsweep_schema`, so every YAML option of
 every group is merged into these typed nodes: a misspelt key or a value of the wrong type
 fails at composition, with Hydra's own message, before anything is loaded. What a type
-cannot say (ranges, enumerations, combinations) is checked by `validate`, which collects
-every problem and raises once.
+cannot say (ranges, enumerations, combinations) is checked by config/validate.py, which
+collects every problem and raises once.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 GROUPS = ("adapter", "targets", "text_encoder", "precision", "optimizer", "model", "data", "eval")
 ABLATION_AXES = ("adapter", "targets", "text_encoder", "precision", "optimizer")
@@ -22,7 +21,7 @@ ABLATION_AXES = ("adapter", "targets", "text_encoder", "precision", "optimizer")
 ADAPTER_KINDS = ("lora", "dora", "loha", "lokr")
 LORA_INITS = ("gaussian", "kaiming")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 QUANTIZATIONS = ("none", "int8", "nf4")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -353,192 +352,3 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def _check_choice(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
-
-
-def validate(cfg: DictConfig | Config) -> None:
-    """Check what the schema's types cannot: ranges, enumerations and combinations.
-
-    Runs before any model is loaded and reports every problem at once.
-    """
-    p: list[str] = []
-    a, t, tr = cfg.adapter, cfg.text_encoder, cfg.train
-    _check_choice(p, "adapter.kind", a.kind, ADAPTER_KINDS)
-    if a.rank < 1:
-        p.append(f"adapter.rank={a.rank}: must be >= 1 (try 4, 8 or 16)")
-    if a.alpha <= 0:
-        p.append(f"adapter.alpha={a.alpha}: must be > 0 (usually equal to adapter.rank)")
-    if not 0.0 <= a.dropout < 1.0:
-        p.append(f"adapter.dropout={a.dropout}: must be in [0, 1)")
-    if a.kind in ("lora", "dora"):
-        _check_choice(p, "adapter.init", a.init, LORA_INITS)
-    if cfg.model.family == "sd3" and not cfg.targets.transformer_patterns:
-        p.append(f"targets={cfg.targets.name} lists no transformer_patterns for model.family=sd3: "
-                 "set targets.transformer_patterns")
-    if cfg.model.family != "sd3" and not cfg.targets.patterns:
-        p.append(f"targets={cfg.targets.name} lists no patterns: set targets.patterns")
-    for pattern in list(cfg.targets.patterns) + list(cfg.targets.transformer_patterns) + list(t.patterns):
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            p.append(f"target pattern {pattern!r} is not a valid regular expression: {e}")
-    if t.train and not t.patterns:
-        p.append("text_encoder.train=true needs text_encoder.patterns")
-    if t.lr is not None and t.lr <= 0:
-        p.append(f"text_encoder.lr={t.lr}: must be > 0")
-    pr = cfg.precision
-    _check_choice(p, "precision.mixed_precision", pr.mixed_precision, MIXED_PRECISIONS)
-    _check_choice(p, "precision.base_dtype", pr.base_dtype, DTYPES)
-    _check_choice(p, "precision.vae_dtype", pr.vae_dtype, DTYPES)
-    _check_choice(p, "precision.quantize", pr.quantize, QUANTIZATIONS)
-    o = cfg.optimizer
-    _check_choice(p, "optimizer.name", o.name, OPTIMIZERS)
-    _check_choice(p, "optimizer.scheduler", o.scheduler, SCHEDULERS)
-    if len(o.betas) != 2:
-        p.append(f"optimizer.betas={list(o.betas)}: needs exactly two values")
-    if o.warmup_steps < 0:
-        p.append(f"optimizer.warmup_steps={o.warmup_steps}: must be >= 0")
-    m = cfg.model
-    _check_choice(p, "model.family", m.family, FAMILIES)
-    if m.drop_t5 and m.family != "sd3":
-        p.append(f"model.drop_t5=true applies to model.family=sd3 only (this is {m.family})")
-    if m.t5_max_length < 1:
-        p.append(f"model.t5_max_length={m.t5_max_length}: must be >= 1 (77 or 256)")
-    if m.family == "sd3" and tr.snr_gamma:
-        p.append("train.snr_gamma is min-SNR weighting for DDPM models; sd3 trains with flow matching: "
-                 "set train.snr_gamma=null and choose train.weighting_scheme")
-    _check_choice(p, "train.weighting_scheme", tr.weighting_scheme, WEIGHTING_SCHEMES)
-    if not m.build_tiny and not m.pretrained:
-        p.append(f"model={m.name} names no weights: set model.pretrained=HUB_ID_OR_FOLDER")
-    d = cfg.data
-    if d.resolution < 8 or d.resolution % 8:
-        p.append(f"data.resolution={d.resolution}: must be a positive multiple of 8 (e.g. 512 or 1024)")
-    _check_choice(p, "data.crop", d.crop, CROPS)
-    if d.path and d.dataset:
-        p.append(f"data.path={d.path} and data.dataset={d.dataset} are both set: keep one of them")
-    if d.buckets:
-        if d.bucket_step < 8 or d.bucket_step % 8 or d.bucket_step > d.resolution:
-            p.append(f"data.bucket_step={d.bucket_step}: must be a multiple of 8 no larger than data.resolution")
-        if d.max_aspect < 1.0:
-            p.append(f"data.max_aspect={d.max_aspect}: must be >= 1 (2.0 allows 2:1 and 1:2 buckets)")
-    if not 0.0 <= d.caption_dropout <= 1.0:
-        p.append(f"data.caption_dropout={d.caption_dropout}: must be in [0, 1]")
-    if d.num_workers < 0:
-        p.append(f"data.num_workers={d.num_workers}: must be >= 0")
-    _validate_eval(p, cfg.eval, d.resolution)
-    for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
-        if getattr(tr, key) < 1:
-            p.append(f"train.{key}={getattr(tr, key)}: must be >= 1")
-    if tr.lr <= 0:
-        p.append(f"train.lr={tr.lr}: must be > 0 (1e-4 for AdamW, 1.0 for Prodigy)")
-    if tr.noise_offset < 0:
-        p.append(f"train.noise_offset={tr.noise_offset}: must be >= 0 (0.05 to 0.1 is usual)")
-    if tr.snr_gamma is not None and tr.snr_gamma <= 0:
-        p.append(f"train.snr_gamma={tr.snr_gamma}: must be > 0 (5.0 is usual) or null")
-    if tr.max_grad_norm < 0:
-        p.append(f"train.max_grad_norm={tr.max_grad_norm}: must be >= 0 (0 disables clipping)")
-    if tr.checkpoint_every < 0:
-        p.append(f"train.checkpoint_every={tr.checkpoint_every}: must be >= 0 (0: never)")
-    _check_choice(p, "train.nan_policy", tr.nan_policy, ("stop", "skip"))
-    if tr.max_nan_skips < 0:
-        p.append(f"train.max_nan_skips={tr.max_nan_skips}: must be >= 0")
-    if tr.checkpoints_keep < 1:
-        p.append(f"train.checkpoints_keep={tr.checkpoints_keep}: must be >= 1")
-    if tr.compile:
-        _check_compile(p, tr)
-    tk = cfg.tracking
-    _check_choice(p, "tracking.mode", tk.mode, TRACKING_MODES)
-    if not 0.0 <= tk.smoothing < 1.0:
-        p.append(f"tracking.smoothing={tk.smoothing}: must be in [0, 1)")
-    for key in ("warmup_steps", "validation_every", "profile_wait", "profile_warmup"):
-        if getattr(tk, key) < 0:
-            p.append(f"tracking.{key}={getattr(tk, key)}: must be >= 0")
-    if tk.profile_active < 1:
-        p.append(f"tracking.profile_active={tk.profile_active}: must be >= 1")
-    _check_choice(p, "device", cfg.device, DEVICES)
-    budget = cfg.sweep.vram_budget_gb
-    if budget is not None and budget < 0:
-        p.append(f"sweep.vram_budget_gb={budget}: must be >= 0 (GiB of GPU memory; 0 or null: no budget)")
-    es = cfg.sweep.early_stop
-    if es.enabled and (not es.at or any(not 0.0 < f < 1.0 for f in es.at)):
-        p.append(f"sweep.early_stop.at={list(es.at)}: give fractions of train.max_steps in (0, 1), e.g. [0.5]")
-    if es.min_trials < 1 or es.window < 1 or es.margin < 0:
-        p.append(f"sweep.early_stop: min_trials={es.min_trials} and window={es.window} must be >= 1, "
-                 f"margin={es.margin} >= 0")
-    if p:
-        raise ConfigError(p)
-
-
-def _check_compile(p: list[str], tr: Any) -> None:
-    import torch._dynamo
-
-    _check_choice(p, "train.compile_mode", tr.compile_mode, COMPILE_MODES)
-    if tr.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):  # debugging ones too
-        p.append(f"train.compile_backend={tr.compile_backend!r} is not a torch.compile backend here "
-                 f"(one of {', '.join(torch._dynamo.list_backends())}, or eager / aot_eager to debug)")
-
-
-def _validate_eval(p: list[str], e: Any, data_resolution: int) -> None:
-    import os
-
-    # eval.resolution follows data.resolution unless set: one mistake, one message
-    if e.resolution != data_resolution and (e.resolution < 8 or e.resolution % 8):
-        p.append(f"eval.resolution={e.resolution}: must be a positive multiple of 8")
-    if e.steps < 1:
-        p.append(f"eval.steps={e.steps}: must be >= 1")
-    if not e.enabled:
-        return
-    if e.prompts_file:
-        if not os.path.isfile(os.path.expanduser(e.prompts_file)):
-            p.append(f"eval.prompts_file={e.prompts_file}: no such file (one prompt per line)")
-    elif not e.prompts:
-        p.append("eval.prompts is empty: list prompts, set eval.prompts_file, or eval.enabled=false")
-    if not e.seeds:
-        p.append("eval.seeds is empty: give at least one seed, e.g. eval.seeds=[0]")
-    if e.guidance_scale < 0:
-        p.append(f"eval.guidance_scale={e.guidance_scale}: must be >= 0 (<= 1 disables classifier-free guidance)")
-    for m in e.metrics:
-        _check_choice(p, "eval.metrics entry", m, EVAL_METRICS)
-    if e.max_reference_images < 2:
-        p.append(f"eval.max_reference_images={e.max_reference_images}: must be >= 2 (KID needs two)")
-    if e.kid_subsets < 1:
-        p.append(f"eval.kid_subsets={e.kid_subsets}: must be >= 1")
-    for key, weight in e.score_weights.items():
-        _check_choice(p, "eval.score_weights key", key, SCORE_KEYS)
-        if weight is None or weight < 0:
-            p.append(f"eval.score_weights.{key}={weight}: must be >= 0 (0 leaves it out of the composite)")
-    if not any(w for w in e.score_weights.values()):
-        p.append("eval.score_weights are all 0: give at least one metric a positive weight")
-    if any(m in CLIP_METRICS for m in e.metrics):
-        _validate_clip(p, e.clip_model, e.clip_pretrained)
-
-
-def _validate_clip(p: list[str], model: str, pretrained: str | None) -> None:
-    """Names only (no download here): a typo fails before training, not after it."""
-    import os
-
-    if model == TINY_CLIP:
-        if pretrained:
-            p.append(f"eval.clip_model=tiny has no pretrained weights: set eval.clip_pretrained=null, or pick "
-                     f"a real model for eval.clip_pretrained={pretrained} (e.g. eval.clip_model=ViT-L-14)")
-        return
-    if model.startswith(("hf-hub:", "local-dir:")):
-        return
-    if not pretrained:
-        p.append(f"eval.clip_model={model} needs eval.clip_pretrained (e.g. openai), or use eval.clip_model=tiny "
-                 "for the random offline stand-in")
-        return
-    import open_clip
-
-    if model not in open_clip.list_models():
-        p.append(f"eval.clip_model={model} is not an open_clip model: pick one of open_clip.list_models(), "
-                 "e.g. ViT-L-14 or ViT-B-32")
-    elif not os.path.isfile(os.path.expanduser(pretrained)) and pretrained not in (
-        open_clip.list_pretrained_tags_by_model(model)
-    ):
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
-        p.append(f"eval.clip_pretrained={pretrained} is neither a file nor a tag of {model} (its tags: {tags})")

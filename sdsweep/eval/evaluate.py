@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sdsweep.config.schema import Config, validate
+from sdsweep.config.schema import Config
+from sdsweep.config.validate import validate
 from sdsweep.eval.base import base_samples_key, ensure_base
 from sdsweep.eval.sampling import (
     build_pipeline,

@@ -15,7 +15,8 @@ import logging
 
 from omegaconf import DictConfig
 
-from sdsweep.config.schema import ConfigError, validate
+from sdsweep.config.schema import ConfigError
+from sdsweep.config.validate import validate
 from sdsweep.sweep.estimate import estimate_peak
 from sdsweep.sweep.prune import runs_on_cuda
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from sdsweep.config.schema import ConfigError, validate
+from sdsweep.config.schema import ConfigError
+from sdsweep.config.validate import validate
 from sdsweep.eval.evaluate import evaluate_trial
 from sdsweep.eval.sampling import sample_validation
 from sdsweep.io import atomic_write_json
