@@ -34,9 +34,12 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_cfg(cache_dir):
-    """compose(overrides) -> the config `python -m sdsweep OVERRIDES` would run, on the test cache."""
+    """compose(overrides) -> the config `python -m sdsweep OVERRIDES` would run, on the test cache.
 
-    def _make(*overrides: str, steps: int = 3):
+    Evaluation (sampling + scoring, seconds per trial) is off unless a test asks for it with
+    `evaluate=True`: only the tests of evaluation itself need it."""
+
+    def _make(*overrides: str, steps: int = 3, evaluate: bool = False):
         GlobalHydra.instance().clear()
         with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
             return compose(
@@ -46,6 +49,7 @@ def make_cfg(cache_dir):
                     f"train.max_steps={steps}",
                     "tracking.mode=disabled",
                     "device=cpu",
+                    *([] if evaluate else ["eval.enabled=false"]),
                     *overrides,
                 ],
                 return_hydra_config=False,

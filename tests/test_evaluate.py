@@ -292,7 +292,7 @@ def test_every_family_is_sampled_and_scored_through_its_own_pipeline(make_cfg, t
     """SD3 samples through StableDiffusion3Pipeline (transformer, flow matching, shifted VAE latents)."""
     from sdsweep.sweep.trial import run_trial
 
-    metrics = run_trial(make_cfg("model=tiny-sd3", "tracking.validation_every=2", steps=2), tmp_path / "trial")
+    metrics = run_trial(make_cfg("model=tiny-sd3", "tracking.validation_every=2", steps=2, evaluate=True), tmp_path / "trial")
     assert metrics["status"] == "finished" and "eval_error" not in metrics, metrics.get("eval_error")
     assert metrics["eval/clip_score"] >= 0 and len(list((tmp_path / "trial" / "samples").glob("*.png"))) == 2
     assert len(list((tmp_path / "trial" / "validation" / "step-000002").glob("*.png"))) == 2

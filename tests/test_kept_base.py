@@ -35,11 +35,11 @@ def test_the_next_trial_reuses_the_base_and_trains_exactly_as_after_a_fresh_load
     loads = _count_loads(monkeypatch)
     # the first trial leaves DoRA layers on many modules and text-encoder adapters behind it
     first = run_trial(make_cfg("adapter=dora", "targets=many", "text_encoder=lora", NO_EVAL, steps=2), tmp_path / "a")
-    kept = run_trial(make_cfg("adapter=lokr", steps=3), tmp_path / "b")
+    kept = run_trial(make_cfg("adapter=lokr", steps=3, evaluate=True), tmp_path / "b")
     assert first["status"] == kept["status"] == "finished"
     assert (first["base_reused"], kept["base_reused"]) == (False, True) and loads[0] == 1
     kept_base.drop()
-    fresh = run_trial(make_cfg("adapter=lokr", "sweep.keep_base_loaded=false", steps=3), tmp_path / "c")
+    fresh = run_trial(make_cfg("adapter=lokr", "sweep.keep_base_loaded=false", steps=3, evaluate=True), tmp_path / "c")
     assert fresh["base_reused"] is False and loads[0] == 2
     assert kept["losses"] == fresh["losses"]  # bit for bit: the stripped base is the loaded base
     assert kept["trainable_params"] == fresh["trainable_params"]
