@@ -117,6 +117,34 @@ def test_a_trial_stopped_after_a_checkpoint_resumes_at_that_step(make_cfg, tmp_p
     # steps 3..5 of the resumed trial reproduce the uninterrupted one
     assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-5)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    # the logged curve too: the smoothed loss continues from the checkpoint's history, not from the raw loss
+    assert _logged(tmp_path / "resumed", "train/loss_smoothed") == _logged(tmp_path / "whole", "train/loss_smoothed")
+
+
+def _logged(trial_dir, key: str) -> list[float]:
+    """`key` per step from train_log.jsonl; a step logged again after a resume counts once, as last logged."""
+    rows = [json.loads(line) for line in (trial_dir / "train_log.jsonl").read_text().splitlines()]
+    by_step = {row["step"]: row[key] for row in rows}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def test_every_logged_step_has_its_own_learning_rate(make_cfg, tmp_path):
+    """train.log_every=2 logs two steps at once; each row still has its step's learning rate (linear warmup)."""
+    warmup = ["optimizer.scheduler=linear", "optimizer.warmup_steps=4", "train.lr=1e-4"]
+    run_trial(make_cfg(*warmup, "train.log_every=2", steps=4), tmp_path / "every2")
+    run_trial(make_cfg(*warmup, "train.log_every=1", steps=4), tmp_path / "every1")
+    expected = [0.0, 2.5e-5, 5e-5, 7.5e-5]  # lr x step / warmup_steps, before each step's update
+    assert _logged(tmp_path / "every2", "train/lr_unet") == pytest.approx(expected, abs=1e-12)
+    assert _logged(tmp_path / "every1", "train/lr_unet") == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_checkpoint_is_written_whatever_log_every_is(make_cfg, tmp_path):
+    """train.checkpoint_every=3 with train.log_every=2: step 3 is checkpointed although it is no logging step."""
+    metrics = run_trial(make_cfg("train.checkpoint_every=3", "train.log_every=2", steps=4), tmp_path)
+    assert metrics["status"] == "finished"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000003"]
+    state = json.loads((tmp_path / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["step"] == 3 and state["losses"] == metrics["losses"][:3]
 
 
 def test_nan_loss_is_recorded_with_its_step(make_cfg, tmp_path):
