@@ -49,7 +49,7 @@ def test_a_trial_worse_than_the_median_of_its_finished_peers_stops(sweep, es_cfg
     _trial(sweep, "b", es_cfg, [1.0, 0.9, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
     _trial(sweep, "c", es_cfg, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], status="failed")  # not a peer
     _trial(sweep, "d", es_cfg, [9.0] * 16)  # another train.max_steps: not a peer
-    _trial(sweep, "e", es_cfg, [9.0, 9.0], status="pruned")  # stopped trials are not peers either
+    _trial(sweep, "e", es_cfg, [9.0, 9.0], status="stopped")  # stopped trials are not peers either
     other_data = OmegaConf.merge(es_cfg, {"data": {"resolution": 32}})
     _trial(sweep, "f", other_data, [9.0] * 8)  # trained on other data: another loss scale
     me = sweep / "me"
@@ -94,12 +94,19 @@ def test_a_hopeless_trial_of_a_sweep_is_stopped_half_way_and_the_others_finish(c
     trials = {k: json.loads((f / "metrics.json").read_text()) for k, f in folders.items()}
     assert trials["0.0"]["status"] == trials["0.01"]["status"] == "finished"
     hopeless = trials["2.0"]
-    assert hopeless["status"] == "pruned" and hopeless["early_stopped_at_step"] == 2 and hopeless["steps_saved"] == 2
+    assert hopeless["status"] == "stopped" and hopeless["early_stopped_at_step"] == 2 and hopeless["steps_saved"] == 2
     assert len(hopeless["losses"]) == 2 and "stopped early at step 2 of 4" in hopeless["reason"]
     assert hopeless["early_stop"]["peers"] == 2 and hopeless["early_stop"]["loss"] > hopeless["early_stop"]["median"]
     assert (folders["2.0"] / "adapter" / "pytorch_lora_weights.safetensors").exists()
     out = result.stdout + result.stderr
-    assert "2 finished, 0 failed, 1 pruned" in out and "2 of 12 training steps saved (17%)" in out
+    assert "2 finished, 0 failed, 0 pruned, 1 stopped early" in out and "2 of 12 training steps saved (17%)" in out
     with open(sweep / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
-    assert rows[-1]["status"] == "pruned" and "stopped early at step 2" in rows[-1]["reason"]
+    assert rows[-1]["status"] == "stopped" and "stopped early at step 2" in rows[-1]["reason"]
+    # a resumed sweep keeps the verdict: the stopped trial is not trained again (the result of a sweep
+    # must not depend on whether it was interrupted)
+    kept = {k: (f / "metrics.json").read_bytes() for k, f in folders.items()}
+    resumed = run_cli([f"sweep.resume={sweep}", f"model.cache_dir={cache_dir}"], cli_env(cache_dir), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {k: (f / "metrics.json").read_bytes() for k, f in folders.items()} == kept
+    assert "2 finished, 0 failed, 0 pruned, 1 stopped early" in resumed.stdout + resumed.stderr

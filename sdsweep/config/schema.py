@@ -270,7 +270,7 @@ class TrackingConfig:
 class EarlyStopConfig:
     """The median stopping rule (sdsweep/early_stop.py): a trial of a sweep whose smoothed training
     loss at a check step is worse than the median of the finished trials' at that step stops there
-    (status pruned, adapter saved, not evaluated)."""
+    (status stopped, adapter saved, not evaluated; a resumed sweep keeps it)."""
 
     enabled: bool = False
     at: list[float] = field(default_factory=lambda: [0.5])

@@ -34,19 +34,21 @@ class SweepSummary(Callback):
 def summarize(sweep: SweepDir) -> dict:
     """Counts by status, each failed and pruned trial with its reason, and what early stopping saved."""
     trials = sweep.trials()
-    failed = [(d, m) for d, m in trials if m.get("status") not in ("finished", "pruned")]
+    failed = [(d, m) for d, m in trials if m.get("status") not in ("finished", "pruned", "stopped")]
     pruned = [(d, m) for d, m in trials if m.get("status") == "pruned"]
-    finished = len(trials) - len(failed) - len(pruned)
-    lines = [f"sweep {sweep.path}: {finished} finished, {len(failed)} failed, {len(pruned)} pruned"]
+    stopped = [m for _, m in trials if m.get("status") == "stopped"]
+    finished = len(trials) - len(failed) - len(pruned) - len(stopped)
+    lines = [f"sweep {sweep.path}: {finished} finished, {len(failed)} failed, {len(pruned)} pruned, "
+             f"{len(stopped)} stopped early"]
     lines += [f"  FAILED {d.name}: {m.get('reason')}" for d, m in failed]
     lines += [f"  PRUNED {d.name}: {m.get('reason')}" for d, m in pruned]
-    if stopped := [m for _, m in pruned if m.get("steps_saved")]:
+    if stopped:
         planned = sum(m.get("steps") or 0 for _, m in trials if m.get("status") == "finished") + sum(
             m["steps"] for m in stopped)
         saved = sum(m["steps_saved"] for m in stopped)
         lines.append(f"  early stopping (sweep.early_stop) stopped {len(stopped)} trial{'s' * (len(stopped) > 1)}: "
                      f"{saved} of {planned} training steps saved ({saved / max(planned, 1):.0%})")
-    return {"finished": finished, "failed": len(failed), "pruned": len(pruned),
+    return {"finished": finished, "failed": len(failed), "pruned": len(pruned), "stopped": len(stopped),
             "trials": {d.name: m.get("status") for d, m in trials}, "lines": lines}
 
 

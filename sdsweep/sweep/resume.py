@@ -22,9 +22,11 @@ def config_fingerprint(cfg: DictConfig) -> str:
 
 
 def finished_result(trial_dir: Path, fingerprint: str) -> dict | None:
-    """The kept metrics of a trial that already finished with this very config, or None."""
+    """The kept metrics of a trial that ended with this very config, or None: finished, or stopped early
+    (a verdict of the sweep, kept like a result: rerunning it would make the outcome depend on
+    whether the sweep was interrupted)."""
     metrics = TrialDir(trial_dir).read_metrics()
-    if metrics is not None and metrics.get("status") == "finished" and metrics.get("config_fingerprint") == fingerprint:
+    if metrics is not None and metrics.get("status") in ("finished", "stopped") and metrics.get("config_fingerprint") == fingerprint:
         return metrics
     return None
 

@@ -129,7 +129,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             metrics.update(evaluate_trial(cfg, trial_dir, s.components))
             if cfg.eval.enabled:
                 metrics["eval_peak_memory_mb"] = eval_memory.summary_mb()["peak_memory_mb"]
-        metrics["status"] = "pruned" if stopped else "finished"
+        metrics["status"] = "stopped" if stopped else "finished"
         clean = "eval_error" not in metrics
     except KeyboardInterrupt:
         metrics.update(status="interrupted", reason="KeyboardInterrupt")
@@ -150,7 +150,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         # evaluation and metrics.json (no collective follows; the launcher waits for every process)
         _write_metrics(trial_dir, metrics)
         tracker.summary({k: v for k, v in metrics.items() if k not in ("losses", "traceback")})
-        tracker.finish(failed=metrics["status"] not in ("finished", "pruned"))
+        tracker.finish(failed=metrics["status"] not in ("finished", "pruned", "stopped"))
         _release(cfg, s, clean)
     return metrics
 
