@@ -342,8 +342,16 @@ def _trial_dirname(override_dirname: str) -> str:
     return name or "default"
 
 
+def _untrained_keys() -> list[str]:
+    from sdsweep.config.identity import folder_excluded_keys
+
+    return folder_excluded_keys()
+
+
 if not OmegaConf.has_resolver("sdsweep_trial_dirname"):
     OmegaConf.register_new_resolver("sdsweep_trial_dirname", _trial_dirname)
+    # conf/config.yaml's override_dirname.exclude_keys: the one list of keys that name no trial folder
+    OmegaConf.register_new_resolver("sdsweep_untrained_keys", _untrained_keys)
 
 
 class ConfigError(ValueError):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sdsweep.config.identity import evaluation_fingerprint
 from sdsweep.config.schema import Config
 from sdsweep.config.validate import validate
 from sdsweep.eval.base import base_samples_key, ensure_base
@@ -111,11 +112,15 @@ def rescore(trial_dir: Path, overrides: list[str] | None = None) -> dict:
     metrics = json.loads(trial.metrics.read_text())
     if metrics.get("status") != "finished":
         raise SystemExit(f"{trial_dir} did not finish training ({metrics.get('status')}): nothing to evaluate")
-    result = evaluate_trial(cfg, trial.path)
-    metrics = {k: v for k, v in metrics.items() if not k.startswith(PREFIX) and k not in ("eval_error", "eval_images")}
-    metrics.update(result)
+    metrics = with_scores(metrics, evaluate_trial(cfg, trial.path), cfg)
     atomic_write_json(trial.metrics, metrics)
     return metrics
+
+
+def with_scores(metrics: dict, result: dict, cfg: DictConfig) -> dict:
+    """`metrics` with its previous scores replaced by `result`, and the evaluation settings they came from."""
+    kept = {k: v for k, v in metrics.items() if not k.startswith(PREFIX) and k not in ("eval_error", "eval_images")}
+    return {**kept, **result, "eval_fingerprint": evaluation_fingerprint(cfg)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdsweep.config.identity import trained_on
 from sdsweep.layout import TrialDir
 
 COMPARABLE = ("model", "data")
@@ -71,10 +72,7 @@ def window_mean(losses: list, step: int, window: int) -> float | None:
 
 
 def _trained_on(cfg: DictConfig) -> dict:
-    nodes = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in COMPARABLE}
-    nodes["model"].pop("cache_dir", None)  # where it is stored, not what is trained
-    nodes["data"].pop("num_workers", None)
-    return nodes
+    return trained_on(cfg, COMPARABLE)  # without the keys that change nothing trained (model.cache_dir, ...)
 
 
 def _peer_trained_on(trial: TrialDir) -> dict | None:

@@ -53,8 +53,30 @@ def preflight(overrides: list[str]) -> list[str]:
             problems.append(f"[{' '.join(cell)}] {str(e).splitlines()[0]}")
         finally:
             GlobalHydra.instance().clear()
+    problems += shared_folders(cells)
     if not problems and predictions:
         print(prediction_table(predictions), flush=True)
+    return problems
+
+
+def shared_folders(cells: list[list[str]]) -> list[str]:
+    """Cells that would train in one trial folder: they differ only in keys that name no folder
+    (config/identity.py), which change neither what is trained nor, for eval.*, anything a re-score
+    cannot change."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sdsweep.config.identity import folder_excluded_keys
+
+    excluded, parser, seen, problems = set(folder_excluded_keys()), OverridesParser.create(), {}, []
+    for cell in cells:
+        name = tuple(sorted(o.input_line for o in parser.parse_overrides(cell) if o.key_or_group not in excluded))
+        if name in seen:
+            problems.append(f"[{' '.join(cell)}] and [{' '.join(seen[name])}] differ only in keys that change "
+                            "nothing trained (tracking.*, cache.*, sweep.*, device, model.cache_dir, data.num_workers, "
+                            "eval.*), so they would share one trial folder: sweep one value of them; for other eval "
+                            "settings re-score the trials (python -m sdsweep.eval TRIAL_DIR eval.steps=30) or "
+                            "resume the sweep with them (sweep.resume=DIR eval.steps=30)")
+        seen.setdefault(name, cell)
     return problems
 
 

@@ -4,31 +4,53 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdsweep.config.identity import evaluation_fingerprint, training_fingerprint
 from sdsweep.layout import SweepDir, TrialDir
 
 
-def config_fingerprint(cfg: DictConfig) -> str:
-    """What a finished trial is compared with before it is skipped on resume."""
+def fingerprints(cfg: DictConfig) -> dict[str, str]:
+    """What a trial's metrics.json records of its config, to be compared on resume (config/identity.py)."""
+    return {"config_fingerprint": training_fingerprint(cfg), "eval_fingerprint": evaluation_fingerprint(cfg)}
+
+
+def _legacy_fingerprint(cfg: DictConfig) -> str:
+    """The fingerprint metrics.json held before identity.py (everything but tracking, cache and sweep,
+    evaluation included), so that sweeps run before it resume without training again."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(data, dict)
-    data.pop("tracking", None)  # where a trial is logged does not change what it trained
-    data.pop("cache", None)  # nor whether its latents/text came from the feature cache (see cache.py)
-    data.pop("sweep", None)  # nor how the sweep scheduled it (kept base, budget, early stopping)
+    for node in ("tracking", "cache", "sweep"):
+        data.pop(node, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def finished_result(trial_dir: Path, fingerprint: str) -> dict | None:
-    """The kept metrics of a trial that ended with this very config, or None: finished, or stopped early
-    (a verdict of the sweep, kept like a result: rerunning it would make the outcome depend on
-    whether the sweep was interrupted)."""
+@dataclass
+class Kept:
+    """A trial that already ended with this training config: kept as it is, or re-scored first."""
+
+    metrics: dict
+    rescore: bool
+    """True when its evaluation settings changed (and evaluation is on): score the saved adapter again."""
+
+
+def kept_trial(trial_dir: Path, cfg: DictConfig) -> Kept | None:
+    """The trial in `trial_dir` if it ended with this very training config, or None (train it).
+
+    Finished, or stopped early (a verdict of the sweep, kept like a result: rerunning it would make
+    the outcome depend on whether the sweep was interrupted)."""
     metrics = TrialDir(trial_dir).read_metrics()
-    if metrics is not None and metrics.get("status") in ("finished", "stopped") and metrics.get("config_fingerprint") == fingerprint:
-        return metrics
-    return None
+    if metrics is None or metrics.get("status") not in ("finished", "stopped"):
+        return None
+    mine, stored = fingerprints(cfg), metrics.get("config_fingerprint")
+    if stored == _legacy_fingerprint(cfg):
+        return Kept(metrics, rescore=False)
+    if stored != mine["config_fingerprint"]:
+        return None
+    changed = metrics.get("eval_fingerprint") != mine["eval_fingerprint"]
+    return Kept(metrics, rescore=changed and metrics["status"] == "finished" and bool(cfg.eval.enabled))
 
 
 def resume_overrides(sweep_dir: Path, extra: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from sdsweep.config.schema import ConfigError
 from sdsweep.config.validate import validate
-from sdsweep.eval.evaluate import evaluate_trial
+from sdsweep.eval.evaluate import evaluate_trial, with_scores
 from sdsweep.eval.sampling import sample_validation
 from sdsweep.io import atomic_write_json
 from sdsweep.layout import TrialDir
@@ -30,7 +30,7 @@ from sdsweep.model import load as models
 from sdsweep.sweep.early_stop import Stopper
 from sdsweep.sweep.estimate import estimate_peak
 from sdsweep.sweep.prune import prune_reason
-from sdsweep.sweep.resume import config_fingerprint, finished_result
+from sdsweep.sweep.resume import fingerprints, kept_trial
 from sdsweep.train.loop import train
 from sdsweep.train.meters import MemoryMeter
 from sdsweep.train.setup import Setup, denoiser, restore_offloaded, setup
@@ -61,10 +61,9 @@ def run_trial(
         log.error("trial failed: %s", e)
         _write_metrics(trial_dir, metrics)
         return metrics
-    metrics["config_fingerprint"] = config_fingerprint(cfg)
-    if kept := finished_result(trial_dir, metrics["config_fingerprint"]):
-        log.info("%s already finished with this config: kept as it is", trial_dir)
-        return kept
+    metrics.update(fingerprints(cfg))
+    if kept := kept_trial(trial_dir, cfg):
+        return _rescored(cfg, trial_dir, kept.metrics) if kept.rescore else _kept_as_is(trial_dir, kept.metrics)
     # the prediction is recorded for every trial (a CPU run too), before anything is loaded
     clock = time.perf_counter()
     metrics.update(estimate_peak(cfg).metrics())  # computed once per config and process (preflight's too)
@@ -75,6 +74,20 @@ def run_trial(
         _write_metrics(trial_dir, metrics)
         return metrics
     return _train_and_record(cfg, trial_dir, metrics, group, trial_number)
+
+
+def _kept_as_is(trial_dir: Path, metrics: dict) -> dict:
+    log.info("%s already %s with this config: kept as it is", trial_dir, metrics["status"])
+    return metrics
+
+
+def _rescored(cfg: DictConfig, trial_dir: Path, metrics: dict) -> dict:
+    """A trial trained with this config but scored with other evaluation settings: its saved adapter
+    is sampled and scored again (the base model loaded afresh), nothing is trained."""
+    log.info("%s already finished with this training config; the eval settings changed: re-scoring it", trial_dir)
+    metrics = with_scores(metrics, evaluate_trial(cfg, trial_dir), cfg)
+    _write_metrics(trial_dir, metrics)
+    return metrics
 
 
 def process_rank() -> int:
