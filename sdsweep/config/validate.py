@@ -28,8 +28,13 @@ from sdsweep.config.schema import (
     TINY_CLIP,
     TRACKING_MODES,
     WEIGHTING_SCHEMES,
+    AdapterConfig,
     Config,
     ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
 )
 
 
@@ -248,3 +253,38 @@ def _clip(p: list[str], model: str, pretrained: str | None) -> None:
     ):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
         p.append(f"eval.clip_pretrained={pretrained} is neither a file nor a tag of {model} (its tags: {tags})")
+
+
+# --- options this combination would ignore ----------------------------------------------------------
+
+FLOW_MATCHING_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
+
+
+def warnings(cfg: DictConfig | Config) -> list[str]:
+    """Options set away from their defaults that do nothing in this combination, each naming its key.
+
+    Warned about, not refused: across a matrix an option often matters in some cells only
+    (optimizer.d_coef=2 in a sweep over optimizer=adamw,prodigy)."""
+    w: list[str] = []
+    o, a, m, tr, d = cfg.optimizer, cfg.adapter, cfg.model, cfg.train, cfg.data
+    if o.name != "prodigy" and o.d_coef != OptimizerConfig.d_coef:
+        w.append(f"optimizer.d_coef={o.d_coef} is Prodigy's and does nothing with optimizer={o.name}")
+    if o.scheduler == "constant" and o.warmup_steps > 0:
+        w.append(f"optimizer.warmup_steps={o.warmup_steps} does nothing with optimizer.scheduler=constant "
+                 "(diffusers drops it): use optimizer.scheduler=constant_with_warmup")
+    if a.kind in ("loha", "lokr") and a.init != AdapterConfig.init:
+        w.append(f"adapter.init={a.init} does nothing with adapter={a.kind}, which always starts as a zero update")
+    if m.family != "sd3":
+        changed = [k for k in FLOW_MATCHING_KEYS if tr[k] != getattr(TrainConfig, k)]
+        w += [f"train.{k}={tr[k]} is for sd3's flow matching and does nothing with model.family={m.family}"
+              for k in changed]
+    if m.t5_max_length != ModelConfig.t5_max_length and (m.family != "sd3" or m.drop_t5):
+        why = f"model.family={m.family} has no T5 encoder" if m.family != "sd3" else "model.drop_t5=true"
+        w.append(f"model.t5_max_length={m.t5_max_length} does nothing: {why}")
+    if cfg.text_encoder.lr is not None and not cfg.text_encoder.train:
+        w.append(f"text_encoder.lr={cfg.text_encoder.lr} does nothing with text_encoder={cfg.text_encoder.name} "
+                 "(the text encoders are frozen)")
+    if not d.buckets:
+        w += [f"data.{k}={d[k]} does nothing without data.buckets=true"
+              for k in ("bucket_step", "max_aspect") if d[k] != getattr(DataConfig, k)]
+    return w

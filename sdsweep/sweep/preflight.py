@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from sdsweep.config.schema import ConfigError
 from sdsweep.config.validate import validate
+from sdsweep.config.validate import warnings as config_warnings
 from sdsweep.sweep.estimate import estimate_peak
 from sdsweep.sweep.prune import runs_on_cuda
 
@@ -56,6 +57,8 @@ def preflight(overrides: list[str]) -> list[str]:
     problems += shared_folders(cells)
     if not problems and predictions:
         print(prediction_table(predictions), flush=True)
+        for warning in dict.fromkeys(w for _, cfg in predictions for w in config_warnings(cfg)):
+            log.warning("config: %s", warning)  # once per sweep, not once per trial
     return problems
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from sdsweep.config.schema import ConfigError
 from sdsweep.config.validate import validate
+from sdsweep.config.validate import warnings as config_warnings
 from sdsweep.eval.evaluate import evaluate_trial, with_scores
 from sdsweep.eval.sampling import sample_validation
 from sdsweep.io import atomic_write_json
@@ -61,6 +62,11 @@ def run_trial(
         log.error("trial failed: %s", e)
         _write_metrics(trial_dir, metrics)
         return metrics
+    if ignored := config_warnings(cfg):
+        metrics["config_warnings"] = ignored
+        if TrialDir(trial_dir).sweep is None:  # a sweep's preflight said it once for all its trials
+            for warning in ignored:
+                log.warning("config: %s", warning)
     metrics.update(fingerprints(cfg))
     if kept := kept_trial(trial_dir, cfg):
         return _rescored(cfg, trial_dir, kept.metrics) if kept.rescore else _kept_as_is(trial_dir, kept.metrics)
