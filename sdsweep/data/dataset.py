@@ -3,8 +3,12 @@
 A folder follows the diffusers / Hugging Face imagefolder convention: `metadata.jsonl` with
 one `{"file_name": ..., "text": ...}` per line or `metadata.csv` with the same columns, or a
 `.txt` caption beside each image (kohya's convention). A Hugging Face dataset is exported to
-such a folder once (`hfdata.py`). Every image is decoded once at set-up; what cannot be used
+such a folder once (`hf.py`). Every image is decoded once at set-up; what cannot be used
 is skipped, counted and reported in one warning, not discovered as a crash mid-training.
+
+`resolve_source` is the one place that turns data.dataset / data.path / nothing into the folder a
+trial trains on: training (`load_dataset`) and evaluation (its style references, the base model's
+key) both ask it, so they can never disagree about which images the trial learnt from.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from sdsweep.config.schema import DataConfig
-from sdsweep.data.builtin import ensure_builtin_dataset
+from sdsweep.data.builtin import BUILTIN_VERSION, ensure_builtin_dataset
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class ScanReport:
 
 
 EXPORT_REPORT = ".sdsweep-export.json"  # records dropped while exporting a Hugging Face dataset
+EXPORT_CAPTION_COLUMN = "text"  # the caption field of an exported dataset's metadata.jsonl
 
 
 def caption_text(value: Any) -> str:
@@ -417,17 +422,47 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
-def load_dataset(cfg: DataConfig, cache_dir: str) -> tuple[CaptionedImages, ScanReport]:
-    """The records of data.dataset, data.path or the built-in set, scanned, as a training set."""
-    if cfg.dataset:
-        from sdsweep.data.hf import export_dataset
+# --- where the images come from -------------------------------------------------------------------
 
-        folder, column = export_dataset(cfg, cache_dir), "text"
-    elif cfg.path:
-        folder, column = Path(cfg.path).expanduser(), cfg.caption_column
-    else:
-        folder, column = ensure_builtin_dataset(cache_dir), "text"
-    report = scan_folder(folder, cfg.min_size, column)
+
+@dataclass(frozen=True)
+class DataSource:
+    """The folder a trial trains on and how to read it; `identity` names it in keys (the base model's)."""
+
+    folder: Path
+    caption_column: str
+    """The caption field of the folder's metadata (an exported Hugging Face dataset always writes "text")."""
+    min_size: int
+    identity: str
+    """The same for the same records whatever the process or working directory, different for another
+    data set, folder, caption column or minimum size."""
+
+    def scan(self) -> ScanReport:
+        return scan_folder(self.folder, self.min_size, self.caption_column)
+
+
+def resolve_source(cfg: DataConfig, cache_dir: str) -> DataSource:
+    """data.dataset (exported once to a folder), data.path, or the built-in set: the only dispatch of the three."""
+    if cfg.dataset:
+        from sdsweep.data.hf import export_dataset  # `datasets` is optional: imported only when asked for
+
+        folder = export_dataset(cfg, cache_dir)
+        # the export folder's name holds the data set, split, both columns and its fingerprint
+        return _source(folder, EXPORT_CAPTION_COLUMN, cfg.min_size, f"hf:{folder.name}")
+    if cfg.path:
+        folder = Path(cfg.path).expanduser()
+        return _source(folder, cfg.caption_column, cfg.min_size, f"folder:{folder.resolve()}")
+    return _source(ensure_builtin_dataset(cache_dir), "text", cfg.min_size, f"builtin-v{BUILTIN_VERSION}")
+
+
+def _source(folder: Path, caption_column: str, min_size: int, origin: str) -> DataSource:
+    identity = f"{origin}|caption_column={caption_column}|min_size={min_size}"
+    return DataSource(folder, caption_column, min_size, identity)
+
+
+def load_dataset(cfg: DataConfig, cache_dir: str) -> tuple[CaptionedImages, ScanReport]:
+    """The records of data.dataset, data.path or the built-in set (`resolve_source`), scanned, as a training set."""
+    report = resolve_source(cfg, cache_dir).scan()
     return CaptionedImages(report.records, cfg), report
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from sdsweep.config.schema import DataConfig
-from sdsweep.data.dataset import EXPORT_REPORT, DataError, caption_text
+from sdsweep.data.dataset import EXPORT_CAPTION_COLUMN, EXPORT_REPORT, DataError, caption_text
 from sdsweep.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ def export_dataset(cfg: DataConfig, cache_dir: str) -> Path:
                 continue
             file_name = f"{i:06d}{_suffix(data)}"
             (tmp / file_name).write_bytes(data)
-            lines.append(json.dumps({"file_name": file_name, "text": caption_text(row[cfg.caption_column])}))
+            caption = caption_text(row[cfg.caption_column])
+            lines.append(json.dumps({"file_name": file_name, EXPORT_CAPTION_COLUMN: caption}))
         (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         (tmp / EXPORT_REPORT).write_text(json.dumps({"skipped": skipped, "examples": examples}))
     return folder

@@ -1,7 +1,7 @@
 """The base model's images and scores, sampled once per sweep and shared by every trial.
 
 `<sweep>/base/<key>/` (layout.BaseDir), keyed by what they depend on: model, precision, device,
-prompts, seeds and the evaluation settings.
+prompts, seeds, the evaluation settings and the training images (the style references they are scored against).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from sdsweep.data.dataset import resolve_source
 from sdsweep.eval.sampling import Sample, generate, read_prompts
 from sdsweep.eval.scorer import Scorer
 from sdsweep.io import atomic_dir, atomic_write_json
@@ -29,7 +30,9 @@ def base_samples_key(cfg: DictConfig, source: str, device: torch.device) -> tupl
     info = {
         "model": source, "family": m.family, "vae": m.vae, "revision": m.revision, "variant": m.variant,
         "precision": {k: p[k] for k in ("mixed_precision", "base_dtype", "vae_dtype", "quantize")},
-        "device": device.type, "prompts": read_prompts(e), "data": cfg.data.path or "builtin",
+        "device": device.type, "prompts": read_prompts(e),
+        # the style references are the training images: another data set is another base record
+        "data": resolve_source(cfg.data, m.cache_dir).identity,
         **{k: OmegaConf.to_container(e[k]) if OmegaConf.is_config(e[k]) else e[k]
            for k in ("seeds", "steps", "guidance_scale", "resolution", "metrics", "clip_model", "clip_pretrained",
                      "max_reference_images", "kid_subsets")},

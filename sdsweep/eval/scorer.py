@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,21 +10,24 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from sdsweep.config.schema import CLIP_METRICS
+from sdsweep.data.dataset import decode_image, resolve_source
 from sdsweep.eval import metrics as M
 from sdsweep.eval.sampling import Sample
 
 PREFIX = "eval/"
 
 
-def reference_images(cfg: DictConfig) -> list[Image.Image]:
-    """The style reference: the training images, evenly spaced over the set, at most eval.max_reference_images."""
-    from sdsweep.data.dataset import decode_image, ensure_builtin_dataset, scan_folder
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """At most `k` of the indices 0..n-1, evenly spaced, first and last included (ascending)."""
+    k = min(n, k)
+    return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist())) if k else []
 
-    folder = Path(cfg.data.path).expanduser() if cfg.data.path else ensure_builtin_dataset(cfg.model.cache_dir)
-    records = scan_folder(folder, cfg.data.min_size).records
-    k = min(len(records), cfg.eval.max_reference_images)
-    picks = sorted(set(np.linspace(0, len(records) - 1, k).round().astype(int).tolist())) if k else []
-    return [decode_image(records[i].path) for i in picks]
+
+def reference_images(cfg: DictConfig) -> list[Image.Image]:
+    """The style reference: the trial's own training images (the records training scans, from the same
+    `resolve_source`), evenly spaced over the set, at most eval.max_reference_images."""
+    records = resolve_source(cfg.data, cfg.model.cache_dir).scan().records
+    return [decode_image(records[i].path) for i in evenly_spaced(len(records), cfg.eval.max_reference_images)]
 
 
 class Scorer:
