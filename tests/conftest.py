@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,40 @@ def make_cfg(cache_dir):
             )
 
     return _make
+
+
+# evaluation as cheap as it can be and still sample, save and score every trial: one prompt in one
+# step without guidance, scored by the weight-free metrics against 2 reference images
+CHEAP_EVAL = ["eval.prompts=[house]", "eval.steps=1", "eval.guidance_scale=1", "eval.metrics=[random_style]",
+              "eval.max_reference_images=2"]
+# the README's 2x2, with checkpoints, as the CLI, resume and launcher tests need it
+README_SWEEP = ["-m", "adapter=lora,dora", "targets=attn,many", "train.max_steps=4", "train.checkpoint_every=2",
+                *CHEAP_EVAL]
+
+
+@dataclass
+class Sweep:
+    dir: Path
+    result: subprocess.CompletedProcess
+
+    def copy(self, to: Path) -> Path:
+        """A copy to damage: the shared sweep itself stays as it was written."""
+        shutil.copytree(self.dir, to, symlinks=True)
+        return to
+
+
+@pytest.fixture(scope="session")
+def readme_sweep(cache_dir, tmp_path_factory) -> Sweep:
+    """`python -m sdsweep -m adapter=lora,dora targets=attn,many` (README_SWEEP), run once per session by
+    the worker of the tests marked xdist_group("readme_sweep"); tests read it or damage a copy."""
+    from helpers import run_cli
+
+    root = tmp_path_factory.mktemp("readme-sweep")
+    sweep = root / "sweep"
+    result = run_cli([*README_SWEEP, f"model.cache_dir={cache_dir}", "tracking.mode=disabled",
+                      f"hydra.sweep.dir={sweep}"], cli_env(cache_dir), cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Sweep(sweep, result)
 
 
 def cli_env(cache_dir: Path) -> dict:

@@ -11,9 +11,10 @@ import sys
 import time
 
 import pytest
-from conftest import cli_env
+from conftest import README_SWEEP, cli_env
 from helpers import run_cli
 
+from sdsweep.board.leaderboard import write_all
 from sdsweep.sweep.preflight import expand_cells, preflight
 from sdsweep.sweep.prune import prune_reason
 from sdsweep.sweep.trial import run_trial
@@ -61,25 +62,27 @@ def test_text_encoder_adapters_are_pruned_when_transformers_refuses_the_installe
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_keeping_finished_trials(cache_dir, tmp_path):
-    sweep, env = tmp_path / "sweep", cli_env(cache_dir)
-    args = ["-m", "adapter=lora,dora,loha", "train.max_steps=4", "train.checkpoint_every=2",
-            f"model.cache_dir={cache_dir}", "tracking.mode=disabled", f"hydra.sweep.dir={sweep}"]
-    assert run_cli(args, env, tmp_path).returncode == 0
-    lora, dora, loha = (sweep / f"adapter={a},train.checkpoint_every=2,train.max_steps=4" for a in ("lora", "dora", "loha"))
+@pytest.mark.xdist_group("readme_sweep")
+def test_an_interrupted_sweep_resumes_keeping_finished_trials(readme_sweep, cache_dir, tmp_path):
+    sweep, env = readme_sweep.copy(tmp_path / "sweep"), cli_env(cache_dir)
+    lora, dora, gone = (sweep / f"adapter={a},targets={t},train.checkpoint_every=2,train.max_steps=4"
+                        for a, t in (("lora", "attn"), ("dora", "attn"), ("lora", "many")))
     kept_bytes = (lora / "metrics.json").read_bytes()
-    # dora was killed between its checkpoints at step 2 and 4; loha never started
+    uninterrupted = {d: json.loads((d / "metrics.json").read_text()) for d in (dora, gone)}
+    # dora was killed between its checkpoints at step 2 and 4; one cell never started
     shutil.rmtree(dora / "checkpoints" / "step-000004")
     (dora / "metrics.json").unlink()
     shutil.rmtree(dora / "adapter")
-    shutil.rmtree(loha)
+    shutil.rmtree(gone)
     result = run_cli([f"sweep.resume={sweep}", f"model.cache_dir={cache_dir}"], env, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (lora / "metrics.json").read_bytes() == kept_bytes  # finished trial untouched
     resumed = json.loads((dora / "metrics.json").read_text())
-    assert resumed["status"] == "finished" and resumed["resumed_from_step"] == 2 and len(resumed["losses"]) == 4
-    assert json.loads((loha / "metrics.json").read_text())["status"] == "finished"
-    assert "3 finished, 0 failed, 0 pruned" in result.stdout + result.stderr
+    assert resumed["status"] == "finished" and resumed["resumed_from_step"] == 2
+    assert resumed["losses"] == uninterrupted[dora]["losses"]  # exactly the uninterrupted curve
+    rerun = json.loads((gone / "metrics.json").read_text())
+    assert rerun["status"] == "finished" and rerun["losses"] == uninterrupted[gone]["losses"]
+    assert "4 finished, 0 failed, 0 pruned" in result.stdout + result.stderr
 
 
 WRITER = """
@@ -132,27 +135,33 @@ def _same_row(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_joblib_and_submitit_local_launchers_give_the_same_leaderboard_as_the_basic_one(cache_dir, tmp_path):
-    """The same code path scales out: Hydra's launchers, not a home-made one. As cheap as it can be
-    and still train, save, sample and score every cell: 1 step at 16 px, one prompt sampled in one
-    step without guidance, scored by the weight-free metrics against 2 reference images."""
-    cheap = ["train.max_steps=1", "data.resolution=16", "eval.prompts=[house]", "eval.steps=1",
-             "eval.guidance_scale=1", "eval.metrics=[random_style]", "eval.max_reference_images=2"]
-    boards = {}
-    for launcher in ("basic", "parallel", "submitit_local"):
+@pytest.mark.xdist_group("readme_sweep")
+def test_joblib_and_submitit_local_launchers_give_the_same_leaderboard_as_the_basic_one(readme_sweep, cache_dir,
+                                                                                        tmp_path):
+    """The same code path scales out: Hydra's launchers, not a home-made one. Two cells of the README
+    sweep (which the basic launcher ran), each trained, saved, sampled and scored by the others."""
+    cells = ["adapter=lora,dora", "targets=attn"]
+    basic = tmp_path / "basic"  # the basic launcher's two cells, ranked among themselves
+    basic.mkdir()
+    for src in [readme_sweep.dir / "base", readme_sweep.dir / "multirun.yaml",
+                *readme_sweep.dir.glob("adapter=*,targets=attn,*")]:
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, basic / src.name)
+    write_all(basic, echo=False)
+    boards = {"basic": _leaderboard_rows(basic)}
+    for launcher in ("parallel", "submitit_local"):
         sweep = tmp_path / launcher
-        args = ["-m", f"hydra/launcher={launcher}", "adapter=lora,dora", "targets=attn,many", *cheap,
+        args = [*README_SWEEP[:1], f"hydra/launcher={launcher}", *cells, *README_SWEEP[3:],
                 f"model.cache_dir={cache_dir}", "tracking.mode=disabled", f"hydra.sweep.dir={sweep}"]
         result = run_cli(args, cli_env(cache_dir), tmp_path)
         assert result.returncode == 0, (launcher, result.stderr[-2000:])
         boards[launcher] = _leaderboard_rows(sweep)
-    basic = boards["basic"]
-    # the base model first, then the four cells, every one finished and scored
-    assert len(basic) == 5 and basic[0]["status"] == "reference"
-    assert all(r["status"] == "finished" and r["composite"] and r["eval/gram_distance"] for r in basic[1:])
+    basic_rows = boards["basic"]
+    # the base model first, then the two cells, both finished and scored
+    assert len(basic_rows) == 3 and basic_rows[0]["status"] == "reference"
+    assert all(r["status"] == "finished" and r["composite"] and r["eval/gram_distance"] for r in basic_rows[1:])
     for launcher in ("parallel", "submitit_local"):
-        assert [r["config"] for r in boards[launcher]] == [r["config"] for r in basic], launcher
-        for mine, theirs in zip(boards[launcher], basic):
+        assert [r["config"] for r in boards[launcher]] == [r["config"] for r in basic_rows], launcher
+        for mine, theirs in zip(boards[launcher], basic_rows):
             assert _same_row(mine, theirs), (launcher, {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]})
 
 
