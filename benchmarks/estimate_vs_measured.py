@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sdxl_random import SdxlTrainer  # noqa: E402
 from sdxl_random import compose_cfg as sdxl_compose  # noqa: E402
 
-from sdsweep.config.schema import register_configs  # noqa: E402
+from sdsweep.config.store import register_configs  # noqa: E402
 from sdsweep.sweep.estimate import estimate_peak  # noqa: E402
 
 CONFIGS = [

@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from sdsweep import adapters, models  # noqa: E402
-from sdsweep.config.schema import register_configs  # noqa: E402
+from sdsweep.config.store import register_configs  # noqa: E402
 from sdsweep.model.architectures import family_components, instantiate  # noqa: E402
 
 

@@ -47,7 +47,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from sdsweep.config.schema import register_configs
+    from sdsweep.config.store import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

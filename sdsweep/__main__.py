@@ -11,7 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sdsweep.config.schema import GROUPS, register_configs
+from sdsweep.config.schema import GROUPS
+from sdsweep.config.store import register_configs
 
 register_configs()
 log = logging.getLogger("sdsweep")

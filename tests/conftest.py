@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from sdsweep.config.schema import register_configs  # noqa: E402
+from sdsweep.config.store import register_configs  # noqa: E402
 
 # one thread per test process: xdist runs one worker per core, and tiny models are dominated by
 # per-op overhead that more threads only add to

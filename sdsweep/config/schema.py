@@ -1,6 +1,6 @@
 """The configuration schema: dataclasses registered in Hydra's ConfigStore.
 
-`conf/config.yaml` starts its defaults list with `sdsweep_schema`, so every YAML option of
+`conf/config.yaml` starts its defaults list with `sdsweep_schema` (registered by store.py), so every YAML option of
 every group is merged into these typed nodes: a misspelt key or a value of the wrong type
 fails at composition, with Hydra's own message, before anything is loaded. What a type
 cannot say (ranges, enumerations, combinations) is checked by config/validate.py, which
@@ -9,11 +9,9 @@ collects every problem and raises once.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 GROUPS = ("adapter", "targets", "text_encoder", "precision", "optimizer", "model", "data", "eval")
 ABLATION_AXES = ("adapter", "targets", "text_encoder", "precision", "optimizer")
@@ -330,28 +328,6 @@ class Config:
     seed: int = 0
     device: str = "auto"
     """auto (CUDA when present; trial N on GPU N mod count) | cpu | cuda | cuda:N."""
-
-
-def register_configs() -> None:
-    ConfigStore.instance().store(name="sdsweep_schema", node=Config)
-
-
-def _trial_dirname(override_dirname: str) -> str:
-    """A stable, filesystem-safe folder name for a trial, derived from its overrides."""
-    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
-    return name or "default"
-
-
-def _untrained_keys() -> list[str]:
-    from sdsweep.config.identity import folder_excluded_keys
-
-    return folder_excluded_keys()
-
-
-if not OmegaConf.has_resolver("sdsweep_trial_dirname"):
-    OmegaConf.register_new_resolver("sdsweep_trial_dirname", _trial_dirname)
-    # conf/config.yaml's override_dirname.exclude_keys: the one list of keys that name no trial folder
-    OmegaConf.register_new_resolver("sdsweep_untrained_keys", _untrained_keys)
 
 
 class ConfigError(ValueError):
