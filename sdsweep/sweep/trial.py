@@ -122,32 +122,17 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             tracker = make_tracker(cfg, trial_dir, metrics["choices"],
                                    group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
         s = setup(cfg, trial_number, memory)
-        metrics.update(
-            device=str(s.device),
-            data=s.data_report,
-            trainable_params=sum(p.numel() for p in s.trainable.values()),
-            total_params=sum(adapters.count_parameters(m, trainable=False) for m in s.components.modules().values()),
-            **s.timings,
-            offloaded_during_training=s.offloaded,
-        )
+        metrics.update(_setup_figures(s))
         hook = _validation_hook(cfg, s, trial_dir, tracker)
         metrics.update(train(cfg, s, trial_dir, tracker, Stopper(cfg, trial_dir), hook))
         stopped = "early_stopped_at_step" in metrics  # kept (its adapter too), but not worth evaluating
         if main:
-            clock = time.perf_counter()
-            adapter_dir = adapters.save_adapter(TrialDir(trial_dir).adapter, s.components.family, cfg.adapter.kind,
-                                                _unwrapped_modules(s))
-            metrics["adapter_mb"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()) / 2**20
-            metrics["save_s"] = time.perf_counter() - clock
+            metrics.update(_save_adapter(cfg, s, trial_dir))
         # the peak of training alone; evaluation (sampling, CLIP) is measured on its own below
         metrics.update(memory.summary_mb())
         _free_training_state(s)
         if main and not stopped:
-            # sample + score from the saved adapter; an evaluation error is recorded, never fails the trial
-            eval_memory = MemoryMeter(s.device)
-            metrics.update(evaluate_trial(cfg, trial_dir, s.components))
-            if cfg.eval.enabled:
-                metrics["eval_peak_memory_mb"] = eval_memory.summary_mb()["peak_memory_mb"]
+            metrics.update(_evaluate(cfg, s, trial_dir))
         metrics["status"] = "stopped" if stopped else "finished"
         clean = "eval_error" not in metrics
     except KeyboardInterrupt:
@@ -172,6 +157,31 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         tracker.finish(failed=metrics["status"] not in ("finished", "pruned", "stopped"))
         _release(cfg, s, clean)
     return metrics
+
+
+def _setup_figures(s: Setup) -> dict:
+    return dict(
+        device=str(s.device), data=s.data_report, trainable_params=sum(p.numel() for p in s.trainable.values()),
+        total_params=sum(adapters.count_parameters(m, trainable=False) for m in s.components.modules().values()),
+        **s.timings, offloaded_during_training=s.offloaded,
+    )
+
+
+def _save_adapter(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
+    clock = time.perf_counter()
+    folder = adapters.save_adapter(TrialDir(trial_dir).adapter, s.components.family, cfg.adapter.kind,
+                                   _unwrapped_modules(s))
+    return {"adapter_mb": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20,
+            "save_s": time.perf_counter() - clock}
+
+
+def _evaluate(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
+    """Sample and score from the saved adapter; an evaluation error is recorded, never fails the trial."""
+    memory = MemoryMeter(s.device)
+    result = evaluate_trial(cfg, trial_dir, s.components)
+    if cfg.eval.enabled:
+        result["eval_peak_memory_mb"] = memory.summary_mb()["peak_memory_mb"]
+    return result
 
 
 def _validation_hook(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker):
