@@ -4,12 +4,16 @@ torch's own autocast, sensible orderings, SDXL against public figures, and the b
 from __future__ import annotations
 
 import json
+from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sdsweep.layout import TrialDir
 from sdsweep.model import adapters
-from sdsweep.model.architectures import family_components
+from sdsweep.model.architectures import SDXL_UNET, family_components
 from sdsweep.sweep import estimate
 from sdsweep.sweep.estimate import _CudaOps, _LiveBytes, estimate_peak, meta_modules
 from sdsweep.sweep.prune import prune_reason
@@ -180,9 +184,12 @@ def test_sdxl_at_1024_is_in_the_range_of_public_figures():
 
     with_ckpt = estimate_peak(cfg("train.gradient_checkpointing=true"))
     without = estimate_peak(cfg())
+    # SDXL's UNet has 10 transformer blocks of width 640 and 60 of 1280 (see _attention_lora_params):
+    # 10 * 16 * (14 * 640 + 2 * 2048) + 60 * 16 * (14 * 1280 + 2 * 2048) = 2_088_960 + 21_135_360
+    assert _attention_lora_params(SDXL_UNET, rank=16) == 23_224_320
     for e in (with_ckpt, without):  # offline and not in the hub cache: the reference architecture
         assert e.total_gb is not None, e.reason
-        assert e.params["unet"] == 2_567_463_684 and e.trainable_params == 23_224_320
+        assert e.params["unet"] == 2_567_463_684 and e.trainable_params == _attention_lora_params(SDXL_UNET, 16)
     # what stays on the GPU beside the UNet while training (cached encoders are moved off it)
     resident = sum(v for k, v in with_ckpt.weights_by_component.items() if k != "unet") - with_ckpt.offloadable_gb
     assert 0.75 * 6.5 <= with_ckpt.phases["training step"] - resident <= 1.25 * 6.5
@@ -216,3 +223,172 @@ def test_an_unreadable_model_gives_no_estimate_and_never_an_error(make_cfg):
     e = estimate_peak(make_cfg("model=sdxl", "model.pretrained=nobody/not-a-model"))
     assert e.total_gb is None and "nobody/not-a-model" in e.reason
     assert e.fits(1.0)  # no prediction: nothing to prune on
+
+
+# --- trainable parameters from the architecture ---------------------------------------------------------
+
+
+def _attention_lora_params(unet_config: dict, rank: int) -> int:
+    """LoRA parameters of targets=attn on a diffusers UNet2DConditionModel, counted from its config.
+
+    A LoRA on Linear(in, out) adds A (rank x in) and B (out x rank): rank * (in + out). Each
+    transformer block of width C has attn1 (self-attention: to_q, to_k, to_v, to_out.0 all C -> C)
+    and attn2 (cross-attention: to_q and to_out.0 C -> C, to_k and to_v cross_attention_dim -> C):
+    rank * (8C + 4C + 2 (cross + C)) = rank * (14C + 2 cross). Where the blocks are, as
+    UNet2DConditionModel builds them: down block i has layers_per_block attentions of
+    transformer_layers_per_block[i] blocks, the (default) UNetMidBlock2DCrossAttn one of
+    transformer_layers_per_block[-1], up block i layers_per_block + 1 of the reversed list's i-th."""
+    assert unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn"
+    widths, layers = list(unet_config["block_out_channels"]), unet_config["layers_per_block"]
+    depth = unet_config.get("transformer_layers_per_block", 1)
+    depth = [depth] * len(widths) if isinstance(depth, int) else list(depth)
+    blocks: Counter = Counter({widths[-1]: depth[-1]})  # the mid block
+    for i, kind in enumerate(unet_config["down_block_types"]):
+        if kind.startswith("CrossAttn"):
+            blocks[widths[i]] += layers * depth[i]
+    for i, kind in enumerate(unet_config["up_block_types"]):
+        if kind.startswith("CrossAttn"):
+            blocks[widths[::-1][i]] += (layers + 1) * depth[::-1][i]
+    cross = unet_config["cross_attention_dim"]
+    return sum(n * rank * (14 * width + 2 * cross) for width, n in blocks.items())
+
+
+def test_the_trainable_count_is_rank_times_in_plus_out_of_each_attention_projection(make_cfg):
+    """The count the SDXL test relies on, checked on the tiny SDXL UNet (8 blocks of width 64:
+    2 down, 2 mid, 4 up) against what the estimator attaches."""
+    cfg = make_cfg("adapter.rank=8")
+    configs, _ = estimate.component_configs(cfg.model)
+    assert _attention_lora_params(configs["unet"][1], rank=8) == 8 * 8 * (14 * 64 + 2 * 64) == 65_536
+    assert estimate_peak(cfg).trainable_params == 65_536
+
+
+# --- the memo: its key holds everything an estimate reads -------------------------------------------------
+
+
+@contextmanager
+def _config_reads():
+    """The full keys of every config value read (attribute, item, .get: DictConfig._get_impl serves
+    them all), groups left out: only leaves are values an estimate can depend on."""
+    reads: set[str] = set()
+    original = DictConfig._get_impl
+
+    def recording(self, key, default_value, validate_key=True):
+        value = original(self, key, default_value, validate_key)
+        if not isinstance(value, DictConfig):
+            reads.add(self._get_full_key(key))
+        return value
+
+    DictConfig._get_impl = recording
+    try:
+        yield reads
+    finally:
+        DictConfig._get_impl = original
+
+
+def _configs_through_every_branch(make_cfg, tmp_path) -> list:
+    """Configs that between them take every branch of the estimator that reads the config: a tiny
+    model from its folder, a diffusers folder (sd3, T5 dropped), a single-file checkpoint with its
+    configs from a folder, trained text encoders, a quantized UNet, buckets, an image folder."""
+    from helpers import write_folder
+
+    from sdsweep.model.load import resolve_source
+
+    sdxl_folder = resolve_source(make_cfg().model)  # builds the tiny models: their configs are then read
+    sd3_folder = resolve_source(make_cfg("model=tiny-sd3").model)
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")  # only its name is looked at: the configs come from single_file_config
+    return [
+        make_cfg(),
+        make_cfg("model=tiny-sd3", "model.build_tiny=false", f"model.pretrained={sd3_folder}", "model.drop_t5=true"),
+        make_cfg("model.build_tiny=false", f"model.pretrained={checkpoint}", f"model.single_file_config={sdxl_folder}",
+                 "text_encoder=lora", "precision=int8", "data.buckets=true", "data.bucket_step=16"),
+        make_cfg(f"data.path={write_folder(tmp_path / 'data', n=2)}", "data.crop=center", "tracking.validation_every=2"),
+    ]
+
+
+def test_the_memo_key_holds_every_config_value_the_estimate_reads(make_cfg, tmp_path):
+    reads: set[str] = set()
+    for cfg in _configs_through_every_branch(make_cfg, tmp_path):
+        with _config_reads() as read:
+            e = estimate._estimate(cfg)
+        assert e.total_gb is not None, e.reason
+        reads |= read
+    assert reads == set(estimate.ESTIMATE_INPUTS) | set(estimate.VALUE_ONLY_INPUTS)  # no more, no fewer
+    # and the key is those values: two configs differing in one of them have different keys
+    cfg = make_cfg("data.buckets=true", "text_encoder=lora")
+    assert json.loads(estimate.cache_key(cfg)) == {
+        path: OmegaConf.to_container(v) if isinstance(v, ListConfig) else v
+        for path in estimate.ESTIMATE_INPUTS for v in [OmegaConf.select(cfg, path)]}
+
+
+def test_what_the_key_leaves_out_cannot_change_an_estimate(make_cfg):
+    def made(*overrides):  # with the memo out of the way
+        return {k: v for k, v in estimate._estimate(make_cfg(*overrides)).__dict__.items() if k != "seconds"}
+
+    base = made()
+    assert made("adapter.alpha=1", "adapter.init=kaiming") == base  # VALUE_ONLY_INPUTS
+    assert estimate.cache_key(make_cfg("adapter.alpha=1", "adapter.init=kaiming", "train.lr=1")) == \
+        estimate.cache_key(make_cfg())
+
+
+def test_validation_during_training_is_another_estimate(make_cfg):
+    """Sampling during training keeps the cached encoders on the GPU (train.offload_cached_encoders):
+    the training step's peak then holds their weights too."""
+    estimate._CACHE.clear()
+    offloaded = estimate_peak(make_cfg())
+    kept = estimate_peak(make_cfg("tracking.validation_every=5"))
+    assert offloaded.offloadable_gb == sum(v for k, v in offloaded.weights_by_component.items() if k != "unet") > 0
+    assert kept.phases["training step"] == pytest.approx(offloaded.phases["training step"] + offloaded.offloadable_gb,
+                                                         rel=1e-12)
+
+
+# --- cached latents: the estimator applies training's rule ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("overrides", "image_size", "trained_on_cached_latents"), [
+    ((), None, True),  # the built-in set's 96 px squares: a random crop of them at 64 px has one place
+    (("data.buckets=true", "data.bucket_step=16"), None, True),  # square images, the square bucket
+    (("cache.enabled=false",), None, False),
+    (("data.crop=center",), (96, 64), True),
+    (("data.crop=random",), (96, 64), False),
+], ids=["builtin-random", "builtin-buckets", "no-cache", "folder-center", "folder-random"])
+def test_the_estimator_and_training_agree_on_cached_latents(make_cfg, tmp_path, overrides, image_size,
+                                                            trained_on_cached_latents):
+    from helpers import write_folder
+
+    data = [f"data.path={write_folder(tmp_path / 'data', n=2, size=image_size)}"] if image_size else []
+    cfg = make_cfg(f"cache.dir={tmp_path / 'features'}", *data, *overrides, steps=1)
+    run_trial(cfg, tmp_path / "trial")
+    metrics = json.loads(TrialDir(tmp_path / "trial").metrics.read_text())
+    assert isinstance(metrics["data"]["cache"]["latents"], dict) is trained_on_cached_latents
+    assert metrics["predicted_vram"]["cached_latents"] is trained_on_cached_latents
+    # and the estimate has the VAE off the GPU while training exactly when training moves it
+    e = estimate_peak(cfg)
+    text = sum(v for k, v in e.weights_by_component.items() if k.startswith("text_encoder"))
+    offloaded = (text if cfg.cache.enabled else 0) + (e.weights_by_component["vae"] if trained_on_cached_latents else 0)
+    assert e.offloadable_gb == pytest.approx(offloaded, rel=1e-12)
+
+
+def test_a_random_crop_of_images_not_read_yet_is_estimated_live_and_says_so(make_cfg, tmp_path):
+    """Images already at their target's shape are cached by training, but a folder's images are
+    not known to the estimator: it assumes the larger, live case, and its notes say what it assumed."""
+    from helpers import write_folder
+
+    folder = write_folder(tmp_path / "data", n=2, size=(64, 64))
+    cfg = make_cfg(f"cache.dir={tmp_path / 'features'}", f"data.path={folder}", "data.crop=random", steps=1)
+    metrics = run_trial(cfg, tmp_path / "trial")
+    assert isinstance(metrics["data"]["cache"]["latents"], dict)  # training: one view per image
+    assert metrics["predicted_vram"]["cached_latents"] is False
+    assert any("latents assumed encoded live" in n for n in metrics["predicted_vram"]["notes"])
+
+
+def test_latents_encoded_live_are_encoded_beside_the_weights_left_on_the_gpu(make_cfg, tmp_path):
+    """Live latents with cached text: the VAE encodes each step with the text encoders already in CPU
+    memory (train.offload_cached_encoders), so that phase holds their weights only without a cache."""
+    folder_random = (f"data.path={tmp_path}", "data.crop=random")  # not read: live from the config alone
+    text_cached = estimate_peak(make_cfg(*folder_random))
+    nothing_cached = estimate_peak(make_cfg(*folder_random, "cache.enabled=false"))
+    text = sum(v for k, v in text_cached.weights_by_component.items() if k.startswith("text_encoder"))
+    assert text_cached.offloadable_gb == pytest.approx(text, rel=1e-12) and text > 0
+    assert text_cached.phases["VAE encoding"] == pytest.approx(nothing_cached.phases["VAE encoding"] - text,
+                                                               rel=1e-12)

@@ -11,7 +11,8 @@ What is cached, and why it never changes what is trained
     target shape) an image has one crop, and both flips are cached. A random crop of a larger
     image can land anywhere, so caching would have to freeze a few crops (SimpleTuner's
     approach) and train on less variety than asked for: those trials encode latents live
-    instead, and say so once in the log; their text is still cached.
+    instead, and say so once in the log; their text is still cached. `latents_cached` states
+    the rule, for training and for the memory estimator (sdsweep/sweep/estimate.py) alike.
   * Text-encoder outputs are cached per caption, plus the empty prompt that caption dropout
     trains on. Trials whose text encoders train (`text_encoder=lora`) encode text live (their
     outputs change every step) but still use cached latents.
@@ -33,6 +34,7 @@ Layout: `cache.dir/{latents,text}/<namespace>/<key[:2]>/<key>.safetensors`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -47,6 +49,8 @@ from filelock import FileLock
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from sdsweep.data.builtin import _draw_builtin
+from sdsweep.data.dataset import CaptionedImages, Record, cover_size
 from sdsweep.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -265,6 +269,51 @@ class TextStore:
         return self.entries.read(self.key(caption))
 
 
+# --- what is cached: one rule for training (prepare) and the memory estimator --------------------------
+
+
+def latents_cached(cfg, dataset: CaptionedImages | None = None) -> bool | None:
+    """Whether a trial trains on cached latents (else its VAE encodes them every step).
+
+    Cached when the cache is on and every image has a single view training can draw (both flips
+    are cached): with a centre crop, or when its cover resize already is its target, the square
+    or with data.buckets its bucket, so that a random crop has one place to go. `dataset`: the
+    trial's images. Without it, from the config alone: the built-in set's images are known
+    (drawn in code), a folder's or a Hugging Face dataset's are not, and the answer is None
+    when it depends on them (data.crop=random).
+    """
+    if not cfg.cache.enabled:
+        return False
+    if cfg.data.crop == "center":
+        return True
+    if dataset is None:
+        dataset = _builtin_geometry(cfg.data)
+        if dataset is None:
+            return None
+    return all(cover_size(r.width, r.height, target) == (target[1], target[0])
+               for r, target in zip(dataset.records, dataset.targets))
+
+
+def text_cached(cfg) -> bool:
+    """Whether a trial reads its text-encoder outputs from the cache: not when the encoders train
+    (their outputs change every step)."""
+    return bool(cfg.cache.enabled and not cfg.text_encoder.train)
+
+
+def _builtin_geometry(data_cfg) -> CaptionedImages | None:
+    """The built-in set as a training set of its images' sizes, nothing read or written; None for a
+    folder or a Hugging Face dataset (load_dataset's order: data.dataset, data.path, built-in)."""
+    if data_cfg.dataset or data_cfg.path:
+        return None
+    return CaptionedImages([Record(Path("builtin"), "", *_builtin_size())], data_cfg)
+
+
+@functools.cache
+def _builtin_size() -> tuple[int, int]:
+    # every built-in image is drawn at _draw_builtin's one size (milliseconds to draw one)
+    return _draw_builtin(0)[0].size
+
+
 # --- filling the cache for a trial ------------------------------------------------------------------
 
 
@@ -278,52 +327,65 @@ def prepare(cfg, components, dataset, device: torch.device, autocast_dtype: torc
     Returns what happened, for metrics.json: per kind, entries / hits / computed / corrupt, or
     why that kind is encoded live.
     """
-    from sdsweep.model.conditioning import encode_text
-
     if not cfg.cache.enabled:
         return {"latents": "live (cache.enabled=false)", "text": "live (cache.enabled=false)"}
-    root, report = cache_root(cfg), {}
-    views = dataset.fixed_views()
+    root = cache_root(cfg)
+    views = dataset.fixed_views() if latents_cached(cfg, dataset) else None
     if views is None:
         log.info("cache: data.crop=random can cut these images in many places: latents are encoded live "
                  "each step (data.crop=center caches them)")
-        report["latents"] = "live (data.crop=random on images larger than their target)"
+        latents = "live (data.crop=random on images larger than their target)"
     else:
-        latents = LatentStore(root, latent_namespace(components.vae))
-        vae = components.vae
-        vae_dtype = next(vae.parameters()).dtype
-
-        @torch.no_grad()
-        def encode(chunk):
-            pixels = torch.stack([dataset.pixels(v) for v in chunk]).to(device, vae_dtype)
-            return [{"latent_dist": p} for p in vae.encode(pixels).latent_dist.parameters]
-
-        wanted = {latents.key(dataset.records[v.index], v): v for v in views}
-        # images of one bucket share a shape: encode them together, buckets one after another
-        wanted = dict(sorted(wanted.items(), key=lambda kv: kv[1].target))
-        report["latents"] = fill(latents.entries, wanted, _same_shape(encode), cfg.train.batch_size,
-                                 "latents").as_dict()
-        dataset.latents = latents
-    if cfg.text_encoder.train:
-        report["text"] = "live (text_encoder.train: the encoders change every step)"
+        latents = _prepare_latents(cfg, components, dataset, views, root, device)
+    if text_cached(cfg):
+        text = _prepare_text(cfg, components, dataset, root, device, autocast_dtype)
     else:
-        texts = TextStore(root, text_namespace(components, autocast_dtype))
-
-        @torch.no_grad()
-        def encode_captions(captions):
-            # the same autocast as the training step, so cached and live embeddings agree
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                parts = encode_text(components, captions, device)
-            return [{name: t[i] for name, t in parts.items()} for i in range(len(captions))]
-
-        captions = sorted({r.caption for r in dataset.records} | {""})  # "": the empty prompt of caption dropout
-        wanted = {texts.key(c): c for c in captions}
-        report["text"] = fill(texts.entries, wanted, encode_captions, cfg.train.batch_size, "text").as_dict()
-        dataset.texts = texts
+        text = "live (text_encoder.train: the encoders change every step)"
+    report = {"latents": latents, "text": text}
     for kind, what in report.items():
         if isinstance(what, dict):
             log.info("cache: %s %d/%d from cache, %d computed (%d corrupt) in %.1f s under %s", kind, what["hits"],
                      what["entries"], what["computed"], what["corrupt"], what["seconds"], root)
+    return report
+
+
+def _prepare_latents(cfg, components, dataset, views: list, root: Path, device: torch.device) -> dict:
+    """Cache the latent distribution of every view training can draw; the data set then reads them."""
+    latents = LatentStore(root, latent_namespace(components.vae))
+    vae = components.vae
+    vae_dtype = next(vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(chunk):
+        pixels = torch.stack([dataset.pixels(v) for v in chunk]).to(device, vae_dtype)
+        return [{"latent_dist": p} for p in vae.encode(pixels).latent_dist.parameters]
+
+    wanted = {latents.key(dataset.records[v.index], v): v for v in views}
+    # images of one bucket share a shape: encode them together, buckets one after another
+    wanted = dict(sorted(wanted.items(), key=lambda kv: kv[1].target))
+    report = fill(latents.entries, wanted, _same_shape(encode), cfg.train.batch_size, "latents").as_dict()
+    dataset.latents = latents
+    return report
+
+
+def _prepare_text(cfg, components, dataset, root: Path, device: torch.device,
+                  autocast_dtype: torch.dtype | None) -> dict:
+    """Cache the frozen text encoders' outputs for every caption and the empty prompt."""
+    from sdsweep.model.conditioning import encode_text
+
+    texts = TextStore(root, text_namespace(components, autocast_dtype))
+
+    @torch.no_grad()
+    def encode_captions(captions):
+        # the same autocast as the training step, so cached and live embeddings agree
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            parts = encode_text(components, captions, device)
+        return [{name: t[i] for name, t in parts.items()} for i in range(len(captions))]
+
+    captions = sorted({r.caption for r in dataset.records} | {""})  # "": the empty prompt of caption dropout
+    wanted = {texts.key(c): c for c in captions}
+    report = fill(texts.entries, wanted, encode_captions, cfg.train.batch_size, "text").as_dict()
+    dataset.texts = texts
     return report
 
 

@@ -27,8 +27,11 @@ How, with no weights read and nothing on a GPU:
   tensors in tests/test_estimate.py); and SDPA would take the math path and keep the whole
   attention matrix, where a CUDA GPU runs flash / memory-efficient attention, which keeps only
   q, k, v, the output and the log-sum-exp.
-* VAE encoding (filling the cache, or live every step with `data.crop=random`): traced the same
-  way, without gradients, at the batch size; it runs with the weights already on the GPU.
+* VAE encoding (filling the cache, or live every step when latents are not cached): traced the
+  same way, without gradients, at the batch size; it runs with the weights already on the GPU.
+  What is cached follows `cache.latents_cached` / `cache.text_cached`, the rules training applies,
+  from the config alone: for a random crop of a folder's images (not known before they are read)
+  latents are assumed live, the larger peak, and the notes say so.
 * A constant for cuBLAS/cuDNN workspaces.
 
 Not modelled: bitsandbytes' own activation layout for quantized layers (taken as fp16's), the
@@ -98,6 +101,8 @@ class Estimate:
     """training step | VAE encoding: which phase sets the peak."""
     offloadable_gb: float = 0.0
     """Weights of components the trial keeps on the GPU but does not use while training (cached)."""
+    cached_latents: bool = False
+    """Whether the estimate has the trial train on cached latents (cache.latents_cached)."""
     phases: dict[str, float] = field(default_factory=dict)
     """Predicted peak of each phase (training step, VAE encoding), GiB; total_gb is the larger."""
     weights_by_component: dict[str, float] = field(default_factory=dict)
@@ -125,7 +130,8 @@ class Estimate:
             "weights_gb", "adapter_gb", "activations_gb", "workspace_gb", "offloadable_gb", "device_gb")}
         breakdown.update(peak_phase=self.peak_phase, phases={k: _round(v) for k, v in self.phases.items()},
                          weights_by_component={k: _round(v) for k, v in self.weights_by_component.items()},
-                         params=self.params, trainable_params=self.trainable_params,
+                         cached_latents=self.cached_latents, params=self.params,
+                         trainable_params=self.trainable_params,
                          seconds=_round(self.seconds), reason=self.reason, notes=self.notes)
         return {"predicted_peak_vram_gb": _round(self.total_gb), "predicted_vram": breakdown}
 
@@ -519,15 +525,34 @@ def trace_vae_encode(vae: torch.nn.Module, batch: int, resolution: int) -> int:
 
 _CACHE: dict[str, Estimate] = {}
 
+ESTIMATE_INPUTS = (
+    # the components' configs and where they are read from (component_configs)
+    "model.family", "model.pretrained", "model.build_tiny", "model.cache_dir", "model.revision",
+    "model.single_file_config", "model.vae", "model.drop_t5", "model.t5_max_length",
+    # dtypes, adapters, optimizer state
+    "precision.name", "precision.mixed_precision", "precision.base_dtype", "precision.vae_dtype",
+    "precision.quantize", "adapter.kind", "adapter.rank", "adapter.dropout", "targets.patterns",
+    "targets.transformer_patterns", "text_encoder.train", "text_encoder.patterns", "optimizer.name",
+    # the step, what is cached (cache.latents_cached, cache.text_cached) and what stays on the GPU
+    "train.batch_size", "train.gradient_checkpointing", "data.resolution", "cache.enabled", "data.crop",
+    "data.path", "data.dataset", "data.buckets", "data.bucket_step", "data.max_aspect",
+    "tracking.validation_every",
+)
+"""The memo's key: every config value the estimate reads, except VALUE_ONLY_INPUTS. tests/test_estimate.py
+records what estimates read and checks it against these two lists."""
+VALUE_ONLY_INPUTS = ("adapter.alpha", "adapter.init")
+"""Read (adapters.peft_config) but they set the adapter's scale and initial values, never a shape or a
+dtype: an estimate on meta tensors is the same whatever they are, so alpha / init ablations share one."""
+
 
 def cache_key(cfg) -> str:
     """What the estimate depends on; cells differing in anything else share one estimate."""
-    from omegaconf import OmegaConf
+    from omegaconf import Container, OmegaConf
 
-    picked = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in
-              ("model", "precision", "adapter", "targets", "text_encoder")}
-    picked.update(optimizer=cfg.optimizer.name, resolution=cfg.data.resolution, batch=cfg.train.batch_size,
-                  checkpointing=cfg.train.gradient_checkpointing, cache=cfg.cache.enabled, crop=cfg.data.crop)
+    picked = {}
+    for path in ESTIMATE_INPUTS:
+        value = OmegaConf.select(cfg, path)
+        picked[path] = OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
     return json.dumps(picked, sort_keys=True, default=str)
 
 
@@ -556,6 +581,7 @@ def _estimate(cfg) -> Estimate:
 
     family, pr = cfg.model.family, cfg.precision
     configs, notes = component_configs(cfg.model)
+    cached_latents = _latents_cached(cfg, notes)
     modules = meta_modules(configs)
     denoiser_name = "transformer" if family == "sd3" else "unet"
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
@@ -583,14 +609,16 @@ def _estimate(cfg) -> Estimate:
     step_peak, grads = trace_step(cfg, modules, trained)
     encode_peak = trace_vae_encode(modules["vae"], cfg.train.batch_size, cfg.data.resolution)
     workspace, all_weights = WORKSPACE_GIB * GIB, sum(weights.values())
-    if cfg.cache.enabled and cfg.data.crop == "center":
+    offloadable = _offloadable(cfg, weights, cached_latents)
+    # train.offload_cached_encoders: validation during training keeps every module where sampling needs it
+    resident = all_weights - (0.0 if cfg.tracking.validation_every else offloadable)
+    if cached_latents:
         # filling the cache runs before any adapter exists, with the denoiser parked in CPU memory
         # (train.setup) unless it is quantized; the training step then runs without the idle encoders
         parked = weights[denoiser_name] if pr.quantize == "none" else 0.0
         encoding = all_weights - parked + encode_peak + workspace
     else:  # live encoding every step, beside the adapter and its optimizer state
-        encoding = all_weights + adapter_at_rest + encode_peak + workspace
-    resident = all_weights - (0.0 if cfg.tracking.validation_every else _offloadable(cfg, weights))
+        encoding = resident + adapter_at_rest + encode_peak + workspace
     phases = {"training step": resident + adapter_at_rest + step_peak + workspace, "VAE encoding": encoding}
     phase = max(phases, key=phases.get)
     peak = step_peak if phase == "training step" else encode_peak
@@ -601,7 +629,8 @@ def _estimate(cfg) -> Estimate:
         total_gb=phases[phase] / GIB, weights_gb=sum(weights.values()) / GIB,
         adapter_gb=(adapter_at_rest + grads) / GIB,
         activations_gb=max(peak - grads, 0) / GIB, workspace_gb=WORKSPACE_GIB, peak_phase=phase,
-        offloadable_gb=_offloadable(cfg, weights) / GIB, phases={k: v / GIB for k, v in phases.items()},
+        offloadable_gb=offloadable / GIB, cached_latents=cached_latents,
+        phases={k: v / GIB for k, v in phases.items()},
         weights_by_component={k: v / GIB for k, v in weights.items()}, params=params,
         trainable_params=sum(p.numel() for p in trainable), notes=notes,
     )
@@ -610,12 +639,24 @@ def _estimate(cfg) -> Estimate:
 BYTES_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _offloadable(cfg, weights: dict[str, float]) -> float:
-    """Weights train.offload_cached_encoders moves off the GPU while training: text encoders whose
-    outputs are cached, and the VAE when latents are (centre crops)."""
-    if not cfg.cache.enabled:
-        return 0.0
-    idle = [] if cfg.text_encoder.train else [n for n in weights if n.startswith("text_encoder")]
-    if cfg.data.crop == "center":
+def _latents_cached(cfg, notes: list[str]) -> bool:
+    """cache.latents_cached from the config alone; where that depends on images not read yet, live
+    (the larger peak: the VAE stays on the GPU and encodes beside the adapter), said in `notes`."""
+    from sdsweep.data.cache import latents_cached
+
+    cached = latents_cached(cfg)
+    if cached is None:
+        notes.append("data.crop=random on images not read yet: latents assumed encoded live every step; "
+                     "if every image already has its target's shape they are cached and the peak is lower")
+    return bool(cached)
+
+
+def _offloadable(cfg, weights: dict[str, float], cached_latents: bool) -> float:
+    """Weights train.offload_cached_encoders moves off the GPU while training: the text encoders
+    when their outputs are cached, the VAE when latents are."""
+    from sdsweep.data.cache import text_cached
+
+    idle = [n for n in weights if n.startswith("text_encoder")] if text_cached(cfg) else []
+    if cached_latents:
         idle.append("vae")
     return sum(weights[n] for n in idle)
