@@ -15,15 +15,13 @@ from sdsweep.config.schema import DataConfig
 from sdsweep.data.dataset import (
     BucketBatchSampler,
     CaptionedImages,
-    DataError,
     collate,
-    decode_image,
     ensure_builtin_dataset,
     make_buckets,
     make_loader,
     nearest_bucket,
-    scan_folder,
 )
+from sdsweep.data.folder import DataError, decode_image, scan_folder
 from sdsweep.model.conditioning import sdxl_time_ids
 from sdsweep.sweep.trial import run_trial
 
@@ -185,7 +183,7 @@ def test_every_image_mode_survives_the_scan(tmp_path):
 
 def test_each_kind_of_bad_record_is_skipped_counted_and_reported_once(tmp_path, caplog):
     expected = write_bad_records(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="sdsweep.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="sdsweep.data.folder"):
         report = scan_folder(tmp_path, min_size=8)
     assert sorted(r.path.name for r in report.records) == ["good0.png", "good1.png"]
     assert dict(report.skipped) == expected

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from sdsweep.config.schema import DataConfig
-from sdsweep.data.dataset import DataError, load_dataset
+from sdsweep.data.dataset import load_dataset
+from sdsweep.data.folder import DataError
 from sdsweep.sweep.trial import run_trial
 
 

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from sdsweep.data.builtin import _draw_builtin
-from sdsweep.data.dataset import decode_image, load_dataset
+from sdsweep.data.dataset import load_dataset
+from sdsweep.data.folder import decode_image
 from sdsweep.eval.base import base_samples_key
 from sdsweep.eval.scorer import evenly_spaced, reference_images
 from sdsweep.sweep.trial import run_trial

@@ -50,7 +50,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from sdsweep.data.builtin import _draw_builtin
-from sdsweep.data.dataset import CaptionedImages, Record, cover_size
+from sdsweep.data.dataset import CaptionedImages, cover_size
+from sdsweep.data.folder import Record
 from sdsweep.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)

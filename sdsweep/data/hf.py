@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from sdsweep.config.schema import DataConfig
-from sdsweep.data.dataset import EXPORT_CAPTION_COLUMN, EXPORT_REPORT, DataError, caption_text
+from sdsweep.data.folder import EXPORT_CAPTION_COLUMN, EXPORT_REPORT, DataError, caption_text
 from sdsweep.io import atomic_dir
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from sdsweep.config.schema import CLIP_METRICS
-from sdsweep.data.dataset import decode_image, resolve_source
+from sdsweep.data.dataset import resolve_source
+from sdsweep.data.folder import decode_image
 from sdsweep.eval import metrics as M
 from sdsweep.eval.sampling import Sample
 

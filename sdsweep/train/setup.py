@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from sdsweep.data import cache
-from sdsweep.data.dataset import CaptionedImages, count_long_captions, load_dataset
+from sdsweep.data.dataset import CaptionedImages, load_dataset
+from sdsweep.data.folder import count_long_captions
 from sdsweep.model import adapters, kept_base
 from sdsweep.model import load as models
 from sdsweep.model.precision import autocast_dtype_of
