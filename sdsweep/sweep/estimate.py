@@ -53,6 +53,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sdsweep.model.precision import DTYPES, autocast_dtype_of
+
 log = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -440,8 +442,7 @@ def trace_step(cfg, modules: dict[str, torch.nn.Module], trained_encoders: list[
     """(peak bytes one training step allocates, bytes of the adapter gradients) on meta."""
     family = cfg.model.family
     denoiser = modules["transformer" if family == "sd3" else "unet"]
-    mp = cfg.precision.mixed_precision
-    autocast = None if mp == "no" else {"fp16": torch.float16, "bf16": torch.bfloat16}[mp]
+    autocast = autocast_dtype_of(cfg.precision)
     if cfg.train.gradient_checkpointing:  # as train.setup does, with the call swapped for _checkpoint
         from sdsweep.model.load import set_checkpointing
 
@@ -592,7 +593,7 @@ def _estimate(cfg) -> Estimate:
     diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32": none here
     try:
         for name, m in modules.items():  # the dtypes models.place gives them (a quantized UNet traced as base_dtype)
-            m.to(BYTES_DTYPE[_placed_dtype(name, m, pr)])
+            m.to(DTYPES[_placed_dtype(name, m, pr)])
     finally:
         diffusers_logging.set_verbosity(verbosity)
     adapters.attach(modules[denoiser_name], cfg.adapter, adapters.denoiser_patterns(cfg.targets, family),
@@ -636,7 +637,6 @@ def _estimate(cfg) -> Estimate:
     )
 
 
-BYTES_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _latents_cached(cfg, notes: list[str]) -> bool:
