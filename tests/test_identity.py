@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from sdsweep.board.leaderboard import build
 from sdsweep.config.identity import folder_excluded_keys, trained_on, training_fingerprint
 from sdsweep.sweep.early_stop import _trained_on
 from sdsweep.sweep.preflight import expand_cells, preflight
@@ -73,7 +74,11 @@ def test_a_sweep_whose_cells_would_share_a_folder_is_not_launched(cache_dir):
 
 def test_a_resumed_trial_is_kept_rescored_or_retrained_as_its_keys_say(make_cfg, tmp_path):
     """Another tracking.group keeps the trial byte for byte; other eval settings re-score its saved
-    adapter without training; another learning rate trains it again."""
+    adapter without training (and the board compares it with the base model's images of the new
+    settings only); another learning rate trains it again."""
+    sweep = tmp_path
+    (sweep / "multirun.yaml").write_text("{}\n")  # a cell of a sweep: the base images go to <sweep>/base
+    tmp_path = sweep / "trial"
     cheap = ["eval.prompts=[house]", "eval.steps=1", "eval.metrics=[random_style]", "eval.max_reference_images=2"]
     first = run_trial(make_cfg(*cheap, steps=2, evaluate=True), tmp_path)
     assert first["status"] == "finished" and "eval/gram_distance" in first
@@ -86,6 +91,10 @@ def test_a_resumed_trial_is_kept_rescored_or_retrained_as_its_keys_say(make_cfg,
     assert rescored["eval/gram_distance"] != first["eval/gram_distance"]  # sampled with 2 steps, not 1
     assert rescored["eval_fingerprint"] != first["eval_fingerprint"]
     assert json.loads((tmp_path / "metrics.json").read_text())["eval/gram_distance"] == rescored["eval/gram_distance"]
+    assert len(list((sweep / "base").iterdir())) == 2  # both settings' base images are kept on disk
+    board, _ = build(sweep)
+    reference = board[board["status"] == "reference"]
+    assert list(reference["eval_base_key"]) == [rescored["eval/base_key"]] and reference["n_seeds"].isna().all()
 
     retrained = run_trial(make_cfg(*cheap, "train.lr=3e-4", steps=2, evaluate=True), tmp_path)
     assert retrained["losses"] != first["losses"]

@@ -98,11 +98,12 @@ def trial_row(trial: TrialDir, m: dict) -> dict[str, Any]:
 def base_rows(sweep_dir: Path, trials: list[dict]) -> list[dict[str, Any]]:
     """One row per base-model set sampled in this sweep (usually one; one per precision in a precision sweep)."""
     rows: dict[str, dict[str, Any]] = {}
+    scored = any(t.get("eval_base_key") for t in trials)
     for base in SweepDir(sweep_dir).bases():
         b = json.loads(base.record.read_text())
-        if b["key"] in rows:
-            continue
         users = [t for t in trials if t.get("eval_base_key") == b["key"]]
+        if b["key"] in rows or (scored and not users):
+            continue  # a base set no trial is compared with any more (its trials were re-scored)
         p = b["settings"]["precision"]
         row: dict[str, Any] = {"trial": f"base/{b['key']}", "seed": None,
                                "config_key": f"{BASE_LABEL} [{p['base_dtype']}, quantize={p['quantize']}]"}
