@@ -198,14 +198,19 @@ def test_random_crops_of_larger_images_encode_latents_live_but_cache_text(make_c
 def test_another_vae_or_dtype_is_another_namespace(make_cfg):
     from sdsweep.model import load as models
 
-    components = models.load_components(make_cfg().model)
-    before = cache.latent_namespace(components.vae)
-    assert cache.latent_namespace(components.vae) == before  # stable
+    vae = models.load_components(make_cfg().model).vae
+    before = cache.latent_namespace(vae)
+    assert cache.latent_namespace(vae) == before  # stable
     with torch.no_grad():
-        next(components.vae.encoder.parameters()).add_(1e-3)
-    assert cache.latent_namespace(components.vae) != before
-    components.vae.half()
-    assert cache.latent_namespace(components.vae) not in (before,)
+        next(vae.encoder.parameters()).add_(1e-3)
+        for p in vae.parameters():  # onto fp16's grid, so that .half() below keeps every value exactly
+            p.copy_(p.half().float())
+    changed_fp32 = cache.latent_namespace(vae)
+    assert changed_fp32 != before
+    fp32_weights = {k: v.clone() for k, v in vae.state_dict().items()}
+    vae.half()
+    assert all(torch.equal(v.float(), fp32_weights[k]) for k, v in vae.state_dict().items())  # same numbers...
+    assert cache.latent_namespace(vae) != changed_fp32  # ...in another dtype: another namespace
 
 
 def test_a_used_tokenizer_keeps_its_fingerprint(make_cfg):

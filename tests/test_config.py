@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from sdsweep.config.schema import ConfigError
@@ -16,6 +18,9 @@ GROUP_OPTIONS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
     for group in ("adapter", "targets", "text_encoder", "precision", "optimizer", "model", "data", "eval")
 }
+DEFAULT_OPTION = {"adapter": "lora", "targets": "attn", "text_encoder": "frozen", "precision": "fp32",
+                  "optimizer": "adamw", "model": "tiny-sdxl", "data": "builtin", "eval": "default"}  # conf/config.yaml
+OUTSIDE_ITS_GROUP = {("optimizer", "prodigy"): {"train"}}  # @package _global_: it sets train.lr=1.0
 
 
 def test_every_group_lists_the_options_the_issue_asks_for():
@@ -27,12 +32,43 @@ def test_every_group_lists_the_options_the_issue_asks_for():
     assert {"tiny-sdxl", "sdxl", "sd15"} <= set(GROUP_OPTIONS["model"])
 
 
+def _chosen(composed: dict, group: str) -> str:
+    """The option a composed config holds for `group`: the adapter says it as `kind`, every other group's
+    YAML as `name`."""
+    return composed["adapter"]["kind"] if group == "adapter" else composed[group]["name"]
+
+
+_COMPOSED: dict[str, dict] = {}  # override -> composed config: composing takes a third of a second
+
+
+def _plain(make_cfg, override: str | None = None, cfg=None) -> dict:
+    """The config composed with `override` (or `cfg`, composed already) as plain containers, interpolations
+    unresolved (eval.resolution stays ${data.resolution}); composed once per test session."""
+    key = override or ""
+    if key not in _COMPOSED:
+        _COMPOSED[key] = OmegaConf.to_container(cfg if cfg is not None else make_cfg(*([override] if override else [])))
+    return _COMPOSED[key]
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts])
 def test_every_option_composes_and_validates(make_cfg, group, option):
     cfg = make_cfg(f"{group}={option}")
     validate(cfg)
-    if group in ("adapter", "targets", "text_encoder", "precision", "optimizer"):
-        assert cfg[group].name if group != "adapter" else cfg.adapter.kind
+    composed, default = _plain(make_cfg, f"{group}={option}", cfg), _plain(make_cfg)
+    assert _chosen(composed, group) == option and _chosen(default, group) == DEFAULT_OPTION[group]
+    if option == DEFAULT_OPTION[group]:
+        assert composed == default
+        return
+    assert composed[group] != default[group]  # the option changes its group...
+    changed_elsewhere = {k for k in composed if k != group and composed[k] != default[k]}
+    assert changed_elsewhere == OUTSIDE_ITS_GROUP.get((group, option), set())  # ...and nothing it does not say
+
+
+@pytest.mark.parametrize("group", GROUP_OPTIONS)
+def test_no_two_options_of_a_group_compose_alike(make_cfg, group):
+    composed = {json.dumps(_plain(make_cfg, f"{group}={option}")[group], sort_keys=True)
+                for option in GROUP_OPTIONS[group]}
+    assert len(composed) == len(GROUP_OPTIONS[group])
 
 
 def test_prodigy_sets_its_own_learning_rate_but_the_command_line_wins(make_cfg):

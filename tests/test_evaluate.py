@@ -142,23 +142,26 @@ def test_clip_weights_that_cannot_load_say_so_and_how_to_choose_another(tmp_path
 
 
 def test_validate_catches_clip_and_eval_mistakes_before_training(make_cfg, tmp_path):
+    def cfg(*overrides):  # evaluation on: validate() checks eval.* only when it will run
+        return make_cfg(*overrides, evaluate=True)
+
     with pytest.raises(ConfigError) as err:
-        validate(make_cfg("eval.clip_model=ViT-Nope-1", "eval.clip_pretrained=openai", "eval.seeds=[]",
-                          "eval.metrics=[clip_score,fid]", f"eval.prompts_file={tmp_path / 'none.txt'}"))
+        validate(cfg("eval.clip_model=ViT-Nope-1", "eval.clip_pretrained=openai", "eval.seeds=[]",
+                     "eval.metrics=[clip_score,fid]", f"eval.prompts_file={tmp_path / 'none.txt'}"))
     problems = "\n".join(err.value.problems)
     for expected in ("eval.clip_model=ViT-Nope-1", "eval.seeds is empty", "'fid'", "eval.prompts_file="):
         assert expected in problems
     with pytest.raises(ConfigError, match="clip_pretrained=bogus is neither a file nor a tag"):
-        validate(make_cfg("eval.clip_model=ViT-B-32", "eval.clip_pretrained=bogus"))
-    validate(make_cfg("eval.clip_model=ViT-B-32", "eval.clip_pretrained=openai"))  # names only: no download
-    validate(make_cfg("eval=clip"))
+        validate(cfg("eval.clip_model=ViT-B-32", "eval.clip_pretrained=bogus"))
+    validate(cfg("eval.clip_model=ViT-B-32", "eval.clip_pretrained=openai"))  # names only: no download
+    validate(cfg("eval=clip"))
 
 
 def test_prompts_come_from_a_file_when_one_is_given(make_cfg, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("# the study's prompts\nBill Gates in Naruto style\n\n  a cat, Naruto style  \n")
-    cfg = make_cfg(f"eval.prompts_file={f}")
-    validate(cfg)
+    cfg = make_cfg(f"eval.prompts_file={f}", evaluate=True)
+    validate(cfg)  # the file is there: no problem
     assert sampling.read_prompts(cfg.eval) == ["Bill Gates in Naruto style", "a cat, Naruto style"]
     assert sampling.image_name(3, "Bill Gates in Naruto style", 1) == "03_bill-gates-in-naruto-style_seed1.png"
 
@@ -255,14 +258,40 @@ def test_an_evaluation_failure_keeps_the_trial_finished_with_the_reason(mini_swe
     assert evaluate.evaluate_trial(_compose(cache_dir, "eval.enabled=false"), sweep / "adapter=lora") == {}
 
 
-def test_a_finished_trial_is_rescored_from_its_folder_alone(mini_sweep):
-    sweep, _, loha, calls, _ = mini_sweep
-    trial = sweep / "adapter=loha"
+def test_a_finished_trial_is_rescored_from_its_folder_alone(mini_sweep, monkeypatch):
+    sweep, _, loha, _, _ = mini_sweep
+    trial, base = sweep / "adapter=loha", sweep / "base" / loha["eval/base_key"]
     before = {name: np.asarray(Image.open(trial / "samples" / name)) for name in os.listdir(trial / "samples")}
-    n_calls = len(calls)
+    base_files = {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    seen: dict[str, list] = {"trial": [], "base": [], "base_used": []}
+
+    def counting(kind, real):
+        def generate(pipe, prompts, seeds, *args, **kwargs):
+            seen[kind].append((list(prompts), list(seeds)))
+            return real(pipe, prompts, seeds, *args, **kwargs)
+        return generate
+
+    def recording_ensure_base(cfg, pipe, base_dir, *args, **kwargs):
+        samples = real_ensure_base(cfg, pipe, base_dir, *args, **kwargs)
+        seen["base_used"].append((base_dir.path, samples))
+        return samples
+
+    real_ensure_base = evaluate.ensure_base
+    monkeypatch.setattr(evaluate, "generate", counting("trial", evaluate.generate))  # the trial's images
+    monkeypatch.setattr(eval_base, "generate", counting("base", eval_base.generate))  # the base model's
+    monkeypatch.setattr(evaluate, "ensure_base", recording_ensure_base)
     assert evaluate.main([str(trial)]) == 0  # fresh base model + the saved adapter + .hydra/config.yaml
-    assert len(calls) == n_calls  # the patch is gone, but so is any need: same images, same numbers
+    prompts = ["a portrait of a person, sdsweep style", "a house by a lake, sdsweep style"]
+    assert seen["trial"] == [(prompts, [0, 1])]  # the trial's images, sampled once
+    assert seen["base"] == []  # the base model's, not sampled again: read back from base/<key>/
+    [(base_path, base_samples)] = seen["base_used"]
+    assert base_path == base and [s.file for s in base_samples] == sorted(os.listdir(base / "samples"))
+    for s in base_samples:
+        assert np.array_equal(np.asarray(s.image), np.asarray(Image.open(base / "samples" / s.file))), s.file
+    assert [p.name for p in (sweep / "base").iterdir()] == [loha["eval/base_key"]]
+    assert {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()} == base_files  # untouched
     after = json.loads((trial / "metrics.json").read_text())
+    assert after["eval/base_key"] == loha["eval/base_key"]
     for key in ("eval/clip_score", "eval/content_cos", "eval/kid", "eval/gram_distance"):
         assert after[key] == pytest.approx(loha[key], abs=1e-4), key
     for name, pixels in before.items():

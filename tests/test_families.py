@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,24 +222,34 @@ def test_a_separate_vae_folder_is_used(make_cfg, tmp_path):
     assert c.vae.config.latent_channels == 4 and str(vae_folder) in str(c.vae.config._name_or_path)
 
 
-def test_single_file_checkpoints_go_through_from_single_file(make_cfg, tmp_path, monkeypatch):
-    """model.pretrained=FILE.safetensors: the family pipeline's from_single_file, with model.single_file_config."""
-    source = models.resolve_source(make_cfg().model)
-    checkpoint = tmp_path / "my-model.safetensors"
-    checkpoint.write_bytes(b"stand-in")
-    seen = {}
+def test_single_file_checkpoints_go_through_from_single_file(make_cfg, tmp_path):
+    """model.pretrained=FILE.safetensors in the original (LDM / A1111 / kohya) layout: diffusers'
+    from_single_file converts it, with model.single_file_config's configs and tokenizers, back to the
+    very weights it was saved from."""
+    from safetensors import safe_open
+    from single_file import configs_only, save_sd15_checkpoint
 
-    def from_single_file(cls, path, **kwargs):
-        seen.update(path=path, **kwargs)
-        return cls.from_pretrained(source)  # stands in for diffusers' conversion of the original layout
-
-    pipeline = models.pipeline_class("sdxl")
-    monkeypatch.setattr(pipeline, "from_single_file", classmethod(from_single_file))
-    cfg = make_cfg(f"model.pretrained={checkpoint}", "model.build_tiny=false", f"model.single_file_config={source}",
-                   steps=1)
-    metrics = run_trial(cfg, tmp_path / "trial")
-    assert metrics["status"] == "finished", metrics.get("reason")
-    assert seen == {"path": str(checkpoint), "config": source}
+    tiny_cfg = make_cfg("model=tiny-sd15").model
+    tiny = models.load_components(tiny_cfg)
+    checkpoint = save_sd15_checkpoint(tiny, tmp_path / "my-model.safetensors")
+    with safe_open(str(checkpoint), "pt") as f:  # laid out as a downloaded SD1.5 checkpoint, no diffusers names
+        assert {k.split(".")[0] for k in f.keys()} == {"model", "first_stage_model", "cond_stage_model"}
+        assert f.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape() == [16, 16, 1, 1]
+        assert "model.diffusion_model.output_blocks.1.2.conv.weight" in f.keys()  # up block 0's upsampler
+    # configs without weights: a component missing from the file fails instead of loading from the folder
+    configs = configs_only(Path(models.resolve_source(tiny_cfg)), tmp_path / "configs")
+    cfg = make_cfg("model=tiny-sd15", f"model.pretrained={checkpoint}", "model.build_tiny=false",
+                   f"model.single_file_config={configs}")
+    loaded = models.load_components(cfg.model)
+    assert (loaded.family, loaded.source, type(loaded.denoiser)) == ("sd15", str(checkpoint), type(tiny.denoiser))
+    assert loaded.modules().keys() == tiny.modules().keys() == {"unet", "vae", "text_encoder"}
+    assert dict(loaded.noise_scheduler.config) == dict(tiny.noise_scheduler.config)  # configs from the folder
+    assert loaded.tokenizers[0]("a red circle").input_ids == tiny.tokenizers[0]("a red circle").input_ids
+    for name, module in tiny.modules().items():
+        expected, got = module.state_dict(), loaded.modules()[name].state_dict()
+        assert got.keys() == expected.keys(), name
+        for key, tensor in expected.items():
+            assert got[key].device.type == "cpu" and torch.equal(got[key], tensor), (name, key)
 
 
 def test_a_checkpoint_diffusers_cannot_read_fails_naming_the_keys_to_set(make_cfg, tmp_path):

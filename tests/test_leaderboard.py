@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import cli_env
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -130,6 +133,11 @@ def test_composite_weights_change_the_order(tmp_path):
     by_content, _ = build(s, {"clip_score": 0.0, "content_cos": 1.0})
     assert by_clip["config"].iloc[1] == "adapter=lora" and by_content["config"].iloc[1] == "adapter=dora"
     assert by_clip["composite"].iloc[1] == pytest.approx(1.0)  # the best value seen scores 1
+    # by hand: the other weights stay at their defaults (style 0.5, nn 0.5, kid 0.5, gram 0.25, colour 0.25),
+    # where both trials beat the base (norm 1, the base 0; gram and colour are equal everywhere: 1 for all)
+    assert by_clip["composite"].tolist() == pytest.approx([0.5 / 3, 3 / 3, 2 / 3])  # base, lora, dora
+    # content 0.5..1.0: dora's 0.99 scores 1 - 0.01 / 0.5 = 0.98, lora's 0.5 scores 0
+    assert by_content["composite"].tolist() == pytest.approx([1.5 / 3, 2.98 / 3, 2 / 3])  # base, dora, lora
 
 
 def test_noise_level_differences_do_not_make_a_ranking(tmp_path):
@@ -156,21 +164,85 @@ def test_pareto_front_and_t4_flag(tmp_path):
     assert bool(board.loc["adapter=lora", "fits_t4"]) and not bool(board.loc["adapter=lokr", "fits_t4"])
 
 
-def test_rebuilding_from_the_folders_gives_the_same_csv(sweep, capsys):
+# The fixture sweep's leaderboard, worked out by hand from its numbers and add_composite's formula:
+# composite = sum_k w_k norm_k / sum_k w_k, norm_k = 1 for the best value seen over the scored rows (the base
+# and the 7 finished, evaluated trials), 0 for the worst. clip_score 20..33 (norm (clip - 20) / 13); content_cos
+# 0.9..1.0, style_centroid 0.5..0.8, style_nn 0.55..0.85, kid 0.05..0.01: every trial has the worst content
+# (0.9) and the best style, nn and kid; gram and colour distances are the same everywhere (norm 1). Weights
+# (multirun.yaml sets clip_score=2): clip 2, content 1, style 0.5, nn 0.5, kid 0.5, gram 0.25, colour 0.25.
+def _trial_composite(clip: float, clip_weight: float = 2.0) -> float:
+    return (clip_weight * (clip - 20) / 13 + 0.5 + 0.5 + 0.5 + 0.25 + 0.25) / (clip_weight + 3.0)
+
+
+def _base_composite(clip_weight: float = 2.0) -> float:
+    return (clip_weight * (25 - 20) / 13 + 1.0 + 0.25 + 0.25) / (clip_weight + 3.0)
+
+
+BOARD_COLUMNS = ["rank", "config", "status", "composite", "composite_std", "pareto", "fits_t4", "n_seeds", "seeds",
+                 "eval/clip_score", "note", "reason"]
+
+
+def _g(x: float) -> str:
+    return format(x, ".6g")  # write_csv's float_format
+
+
+def _expected_board(clip_weight: float) -> list[list[str]]:
+    """BOARD_COLUMNS of the fixture's leaderboard.csv, as written. lora: seeds at clip 31, 32, 33 (composites
+    48/65, 50/65, 52/65 with clip weight 2: mean 50/65, sample std 2/65); dora: 29, 30, 31 (46/65, same std);
+    loha: 20, one seed. Pareto: lora beats dora on composite at less memory and the same time; loha needs the
+    least memory. With clip weight 0 the three tie (rank 1 each, listed by name); lora still dominates dora."""
+    lora, dora, loha = (sum(_trial_composite(c, clip_weight) for c in clips) / len(clips)
+                        for clips in ((31, 32, 33), (29, 30, 31), (20,)))
+    std = _g(clip_weight / 13 / (clip_weight + 3.0))  # seeds 1 clip point apart: composites this far apart
+    spread_note = "not separated from #1 adapter=lora by more than their seed spread"
+    rows = {
+        "lora": [_g(lora), std, "True", "True", "3", "0 1 2", "32", ""],
+        "dora": [_g(dora), std, "False", "True", "3", "0 1 2", "30", spread_note if clip_weight else ""],
+        "loha": [_g(loha), "", "True", "True", "1", "0 1", "20", "1 of 2 seeds failed"],
+    }
+    ranked = [["1", "lora"], ["2", "dora"], ["3", "loha"]] if clip_weight else [["1", "dora"], ["1", "loha"],
+                                                                                 ["1", "lora"]]
+    return [["", "base model (no adapter)", "reference", _g(_base_composite(clip_weight)), "", "", "", "", "", "25",
+             "", ""],
+            *[[rank, f"adapter={name}", "finished", *rows[name],
+               "NonFiniteLoss: loss became nan at step 3" if name == "loha" else ""] for rank, name in ranked],
+            ["", "adapter=lokr", "finished", "", "", "", "True", "1", "0", "", "", "ClipLoadError: could not load CLIP weights"],
+            ["", "adapter=lokr,targets=many", "failed", "", "", "", "", "0", "0", "", "", "out of memory"]]
+
+
+def _board_csv(sweep: Path) -> list[list[str]]:
+    csv = pd.read_csv(sweep / "leaderboard.csv", dtype=str, keep_default_na=False)
+    return csv[BOARD_COLUMNS].values.tolist()
+
+
+def test_the_leaderboard_csv_holds_the_ranks_and_composites_worked_out_by_hand(sweep, capsys):
     (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml({"eval": {"score_weights": {"clip_score": 2.0}}}))
     write_all(sweep)
-    first = (sweep / "leaderboard.csv").read_bytes()
     assert "adapter=lora" in capsys.readouterr().out  # the table is printed
-    (sweep / "leaderboard.csv").unlink()
-    assert leaderboard.main([str(sweep)]) == 0
-    assert (sweep / "leaderboard.csv").read_bytes() == first
+    assert _board_csv(sweep) == _expected_board(clip_weight=2.0)
     csv = pd.read_csv(sweep / "leaderboard.csv")
     for column in ("rank", "config", "adapter", "overrides", "trainable_params", "adapter_mb", "peak_vram_mb",
                    "it_per_s", "wall_s", "final_loss", "eval/clip_score", "eval/kid", "composite", "pareto",
                    "fits_t4", "status", "reason", "note"):
         assert column in csv.columns, column
     assert leaderboard.main([str(sweep), "--weight", "clip_score=0"]) == 0
-    assert (sweep / "leaderboard.csv").read_bytes() != first
+    assert _board_csv(sweep) == _expected_board(clip_weight=0.0)
+
+
+def test_rebuilding_from_the_folders_gives_the_same_csv(sweep, cache_dir, tmp_path):
+    """`python -m sdsweep.board SWEEP_DIR`, as a user runs it (another process, another working directory),
+    writes the bytes the end of the sweep wrote."""
+    (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml({"eval": {"score_weights": {"clip_score": 2.0}}}))
+    write_all(sweep, echo=False)
+    written = {name: (sweep / name).read_bytes() for name in ("leaderboard.csv", "leaderboard_trials.csv")}
+    for name in written:
+        (sweep / name).unlink()
+    result = subprocess.run([sys.executable, "-m", "sdsweep.board", str(sweep)], env=cli_env(cache_dir),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "adapter=lora" in result.stdout and str(sweep / "leaderboard.csv") in result.stdout
+    assert {name: (sweep / name).read_bytes() for name in written} == written
+    assert _board_csv(sweep) == _expected_board(clip_weight=2.0)
 
 
 def test_a_folder_without_trials_is_refused_naming_the_folder_to_give(tmp_path, capsys):
