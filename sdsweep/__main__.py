@@ -58,9 +58,12 @@ def _quiet_libraries() -> None:
 def main() -> None:
     # W&B and the hub must never block the embedded default; users opt in with tracking.mode=online
     os.environ.setdefault("WANDB_SILENT", "true")
+    # the same as _quiet_libraries() for the libraries not imported yet, without importing them: a
+    # typo or a bad cell is reported in seconds, not after diffusers' ~10 s import
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from sdsweep.sweep import callbacks
 
-    _quiet_libraries()
     sys.argv[1:] = _expand_resume(sys.argv[1:])
     if problem := _multiprocess_problem(sys.argv[1:]):
         print(f"sdsweep: {problem}", file=sys.stderr)
