@@ -252,6 +252,23 @@ def test_single_file_checkpoints_go_through_from_single_file(make_cfg, tmp_path)
             assert got[key].device.type == "cpu" and torch.equal(got[key], tensor), (name, key)
 
 
+def test_a_single_file_missing_weights_fails_naming_them(make_cfg, tmp_path):
+    """diffusers loads a file that lacks some of a component's weights and leaves them on the meta
+    device; load_components refuses it, naming the component and a missing tensor."""
+    from safetensors.torch import load_file, save_file
+    from single_file import configs_only, save_sd15_checkpoint
+
+    tiny_cfg = make_cfg("model=tiny-sd15").model
+    full = load_file(save_sd15_checkpoint(models.load_components(tiny_cfg), tmp_path / "full.safetensors"))
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in full.items() if "final_layer_norm" not in k}, partial)
+    configs = configs_only(Path(models.resolve_source(tiny_cfg)), tmp_path / "configs")
+    cfg = make_cfg("model=tiny-sd15", f"model.pretrained={partial}", "model.build_tiny=false",
+                   f"model.single_file_config={configs}")
+    with pytest.raises(models.ModelLoadError, match="text_encoder: 2 tensors, e.g. final_layer_norm"):
+        models.load_components(cfg.model)
+
+
 def test_a_checkpoint_diffusers_cannot_read_fails_naming_the_keys_to_set(make_cfg, tmp_path):
     from safetensors.torch import save_file
 

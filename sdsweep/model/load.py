@@ -225,8 +225,18 @@ def _from_single_file(cfg: ModelConfig, source: str) -> Components:
     tokenizers = [pipe.tokenizer] + [getattr(pipe, n) for n in ("tokenizer_2", "tokenizer_3")
                                      if getattr(pipe, n, None) is not None]
     denoiser = pipe.transformer if cfg.family == "sd3" else pipe.unet
-    return Components(cfg.family, source, denoiser, pipe.vae, encoders, tokenizers,
-                      _training_scheduler(cfg.family, dict(pipe.scheduler.config)))
+    components = Components(cfg.family, source, denoiser, pipe.vae, encoders, tokenizers,
+                            _training_scheduler(cfg.family, dict(pipe.scheduler.config)))
+    # diffusers leaves weights the file lacks on the meta device without a word; training would
+    # then fail far from the cause (or, for a frozen encoder, on its first forward)
+    unset = {name: [k for k, t in m.state_dict().items() if t.is_meta] for name, m in components.modules().items()}
+    if unset := {name: keys for name, keys in unset.items() if keys}:
+        detail = "; ".join(f"{name}: {len(keys)} tensors, e.g. {keys[0]}" for name, keys in unset.items())
+        raise ModelLoadError(
+            f"model.pretrained={source}: the file has no weights for part of the model ({detail}), and "
+            f"diffusers left them unset: check model.family={cfg.family} and model.single_file_config, or "
+            "use a complete checkpoint")
+    return components
 
 
 def load_components(cfg: ModelConfig, precision: PrecisionConfig | None = None) -> Components:

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdsweep.config.schema import ABLATION_AXES
+from sdsweep.layout import TrialDir
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def _init_wandb(cfg: DictConfig, trial_dir: Path, choices: dict[str, str], group
 
 
 def make_tracker(cfg: DictConfig, trial_dir: Path, choices: dict[str, str], group: str, name: str) -> Tracker:
-    sinks: list[Tracker] = [JsonlTracker(trial_dir / "train_log.jsonl")]
+    sinks: list[Tracker] = [JsonlTracker(TrialDir(trial_dir).train_log)]
     if cfg.tracking.mode != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
@@ -172,7 +173,7 @@ def make_profiler(cfg: DictConfig, trial_dir: Path):
 
 def finish_profiler(prof, trial_dir: Path, tracker: Tracker) -> None:
     prof.stop()
-    out = trial_dir / "profile"
+    out = TrialDir(trial_dir).profile
     out.mkdir(exist_ok=True)
     try:
         prof.export_chrome_trace(str(out / "trace.json"))
