@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli_env
+from conftest import CHEAP_EVAL, cli_env
 from helpers import run_cli, write_folder
 
 pytestmark = pytest.mark.slow
 
 
 def _common(cache_dir, sweep_dir) -> list[str]:
-    return [f"model.cache_dir={cache_dir}", "train.max_steps=2", "tracking.mode=disabled",
+    return [f"model.cache_dir={cache_dir}", "train.max_steps=2", "tracking.mode=disabled", *CHEAP_EVAL,
             f"hydra.sweep.dir={sweep_dir}", f"hydra.run.dir={sweep_dir}"]
 
 
