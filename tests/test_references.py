@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sdsweep.data.builtin import _draw_builtin
-from sdsweep.data.dataset import load_dataset
+from sdsweep.data.dataset import load_dataset, resolve_source
 from sdsweep.data.folder import decode_image
 from sdsweep.eval.base import base_samples_key
 from sdsweep.eval.scorer import evenly_spaced, reference_images
@@ -71,7 +71,7 @@ def _dataset_overrides(saved: Path) -> list[str]:
 
 def _assert_references(cfg, picks: list[int], expected: list[Image.Image]) -> None:
     """The references are the training set's records `picks`, decoded, and look like `expected`."""
-    references = reference_images(cfg)
+    references = reference_images(cfg, resolve_source(cfg.data, cfg.model.cache_dir))
     training, _ = load_dataset(cfg.data, cfg.model.cache_dir)
     assert len(references) == len(picks)
     for reference, index, known in zip(references, picks, expected):
@@ -104,7 +104,7 @@ def test_references_of_the_builtin_set_are_its_drawings(make_cfg):
 
 
 def _base_key(cfg) -> str:
-    return base_samples_key(cfg, "tiny", torch.device("cpu"))[0]
+    return base_samples_key(cfg, "tiny", torch.device("cpu"), resolve_source(cfg.data, cfg.model.cache_dir).identity)[0]
 
 
 def test_the_base_key_names_the_data_source(caption_folder, saved_dataset, make_cfg, tmp_path, monkeypatch):

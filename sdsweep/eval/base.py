@@ -15,7 +15,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from sdsweep.data.dataset import resolve_source
 from sdsweep.eval.sampling import Sample, generate, read_prompts
 from sdsweep.eval.scorer import Scorer
 from sdsweep.io import atomic_dir, atomic_write_json
@@ -24,15 +23,16 @@ from sdsweep.layout import BaseDir
 log = logging.getLogger(__name__)
 
 
-def base_samples_key(cfg: DictConfig, source: str, device: torch.device) -> tuple[str, dict]:
-    """What the base model's images and scores depend on, and a short hash of it (the folder name)."""
+def base_samples_key(cfg: DictConfig, source: str, device: torch.device, data: str) -> tuple[str, dict]:
+    """What the base model's images and scores depend on, and a short hash of it (the folder name).
+    `data`: the identity of the trial's data source (DataSource.identity), which the style
+    references are drawn from: another data set is another base record."""
     e, m, p = cfg.eval, cfg.model, cfg.precision
     info = {
         "model": source, "family": m.family, "vae": m.vae, "revision": m.revision, "variant": m.variant,
         "precision": {k: p[k] for k in ("mixed_precision", "base_dtype", "vae_dtype", "quantize")},
         "device": device.type, "prompts": read_prompts(e),
-        # the style references are the training images: another data set is another base record
-        "data": resolve_source(cfg.data, m.cache_dir).identity,
+        "data": data,
         **{k: OmegaConf.to_container(e[k]) if OmegaConf.is_config(e[k]) else e[k]
            for k in ("seeds", "steps", "guidance_scale", "resolution", "metrics", "clip_model", "clip_pretrained",
                      "max_reference_images", "kid_subsets")},

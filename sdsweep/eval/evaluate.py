@@ -79,7 +79,7 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
     autocast_dtype = autocast_dtype_of(cfg.precision)
     scorer = Scorer(cfg, device)  # before sampling: a CLIP model that cannot load fails in seconds
     pipe.unload_lora_weights()  # the trained layers out: this is the base model now
-    key, info = base_samples_key(cfg, components.source, device)
+    key, info = base_samples_key(cfg, components.source, device, scorer.source.identity)
     clock = time.perf_counter()
     base = ensure_base(cfg, pipe, trial.base(key), info, scorer, autocast_dtype)
     base_s, clock = time.perf_counter() - clock, time.perf_counter()

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from sdsweep.config.schema import CLIP_METRICS
-from sdsweep.data.dataset import resolve_source
+from sdsweep.data.dataset import DataSource, resolve_source
 from sdsweep.data.folder import decode_image
 from sdsweep.eval import metrics as M
 from sdsweep.eval.sampling import Sample
@@ -24,16 +24,16 @@ def evenly_spaced(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist())) if k else []
 
 
-def reference_images(cfg: DictConfig) -> list[Image.Image]:
-    """The style reference: the trial's own training images (the records training scans, from the same
-    `resolve_source`), evenly spaced over the set, at most eval.max_reference_images."""
-    records = resolve_source(cfg.data, cfg.model.cache_dir).scan().records
+def reference_images(cfg: DictConfig, source: DataSource) -> list[Image.Image]:
+    """The style reference: the trial's own training images (the records training scans of `source`,
+    from the same `resolve_source`), evenly spaced over the set, at most eval.max_reference_images."""
+    records = source.scan().records
     return [decode_image(records[i].path) for i in evenly_spaced(len(records), cfg.eval.max_reference_images)]
 
 
 class Scorer:
     """What scoring needs once per trial: the CLIP model (loaded first, so that weights that cannot
-    load fail in seconds, before any sampling) and the reference images."""
+    load fail in seconds, before any sampling), the data source and its reference images."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         e = cfg.eval
@@ -41,7 +41,8 @@ class Scorer:
         self.clip = None
         if self.metrics & set(CLIP_METRICS):
             self.clip = M.load_clip(e.clip_model, e.clip_pretrained, cfg.model.cache_dir)
-        self.references = reference_images(cfg)
+        self.source = resolve_source(cfg.data, cfg.model.cache_dir)  # resolved once: an HF dataset opens here
+        self.references = reference_images(cfg, self.source)
 
     @contextmanager
     def _clip_on_device(self):
