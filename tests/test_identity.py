@@ -98,3 +98,23 @@ def test_a_resumed_trial_is_kept_rescored_or_retrained_as_its_keys_say(make_cfg,
 
     retrained = run_trial(make_cfg(*cheap, "train.lr=3e-4", steps=2, evaluate=True), tmp_path)
     assert retrained["losses"] != first["losses"]
+
+
+def test_a_trial_fingerprinted_before_identity_py_is_kept(make_cfg, tmp_path):
+    """metrics.json written before this list existed holds the old fingerprint (everything but
+    tracking, cache and sweep, as sha256 of the sorted JSON): such a trial is kept, not retrained."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from sdsweep.sweep.resume import kept_trial
+
+    cfg = make_cfg()
+    old = OmegaConf.to_container(cfg, resolve=True)
+    for node in ("tracking", "cache", "sweep"):
+        old.pop(node)
+    stored = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "finished", "config_fingerprint": stored}))
+    kept = kept_trial(tmp_path, cfg)
+    assert kept is not None and kept.rescore is False
+    assert kept_trial(tmp_path, make_cfg("train.lr=3e-4")) is None

@@ -69,10 +69,15 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def fingerprint_without(cfg: DictConfig, paths: tuple[str, ...]) -> str:
+    """A short hash of the resolved config without the nodes and keys in `paths`."""
+    return _digest(_without(cfg, paths))
+
+
 def training_fingerprint(cfg: DictConfig) -> str:
     """Equal for two configs that train the same adapter (whatever their logging, caching, scheduling
     or evaluation)."""
-    return _digest(_without(cfg, (*UNTRAINED, *EVALUATION)))
+    return fingerprint_without(cfg, (*UNTRAINED, *EVALUATION))
 
 
 def evaluation_fingerprint(cfg: DictConfig) -> str:

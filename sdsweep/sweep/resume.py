@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sdsweep.config.identity import evaluation_fingerprint, training_fingerprint
+from sdsweep.config.identity import evaluation_fingerprint, fingerprint_without, training_fingerprint
 from sdsweep.layout import SweepDir, TrialDir
 
 
@@ -21,10 +19,7 @@ def fingerprints(cfg: DictConfig) -> dict[str, str]:
 def _legacy_fingerprint(cfg: DictConfig) -> str:
     """The fingerprint metrics.json held before identity.py (everything but tracking, cache and sweep,
     evaluation included), so that sweeps run before it resume without training again."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for node in ("tracking", "cache", "sweep"):
-        data.pop(node, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint_without(cfg, ("tracking", "cache", "sweep"))
 
 
 @dataclass
