@@ -66,13 +66,15 @@ def shared_folders(cells: list[list[str]]) -> list[str]:
     """Cells that would train in one trial folder: they differ only in keys that name no folder
     (config/identity.py), which change neither what is trained nor, for eval.*, anything a re-score
     cannot change."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from sdsweep.config.identity import folder_excluded_keys
 
-    excluded, parser, seen, problems = set(folder_excluded_keys()), OverridesParser.create(), {}, []
+    excluded, parser, seen, problems = folder_excluded_keys(), OverridesParser.create(), {}, []
     for cell in cells:
-        name = tuple(sorted(o.input_line for o in parser.parse_overrides(cell) if o.key_or_group not in excluded))
+        # Hydra's own override_dirname, as conf/config.yaml's exclude_keys make it
+        name = get_overrides_dirname(parser.parse_overrides(cell), excluded, item_sep=",", kv_sep="=")
         if name in seen:
             problems.append(f"[{' '.join(cell)}] and [{' '.join(seen[name])}] differ only in keys that change "
                             "nothing trained (tracking.*, cache.*, sweep.*, device, model.cache_dir, data.num_workers, "
