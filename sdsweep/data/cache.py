@@ -331,13 +331,12 @@ def prepare(cfg, components, dataset, device: torch.device, autocast_dtype: torc
     if not cfg.cache.enabled:
         return {"latents": "live (cache.enabled=false)", "text": "live (cache.enabled=false)"}
     root = cache_root(cfg)
-    views = dataset.fixed_views() if latents_cached(cfg, dataset) else None
-    if views is None:
+    if not latents_cached(cfg, dataset):
         log.info("cache: data.crop=random can cut these images in many places: latents are encoded live "
                  "each step (data.crop=center caches them)")
         latents = "live (data.crop=random on images larger than their target)"
     else:
-        latents = _prepare_latents(cfg, components, dataset, views, root, device)
+        latents = _prepare_latents(cfg, components, dataset, dataset.fixed_views(), root, device)
     if text_cached(cfg):
         text = _prepare_text(cfg, components, dataset, root, device, autocast_dtype)
     else:

@@ -122,15 +122,12 @@ class CaptionedImages(torch.utils.data.Dataset):
         caption = "" if rng.random() < self.cfg.caption_dropout else record.caption
         return View(index, target, resized, top, left, flip, caption)
 
-    def fixed_views(self) -> list[View] | None:
-        """Every view training can draw, when there are few: one crop per image (centre crop,
-        or an image that already has its target's shape) times the flips. None when a random
-        crop can cut an image in many places (its latents then cannot be cached exactly)."""
+    def fixed_views(self) -> list[View]:
+        """Every view training draws when each image has one crop (cache.latents_cached decides
+        when), times the flips."""
         views = []
         for index, (record, target) in enumerate(zip(self.records, self.targets)):
             resized = cover_size(record.width, record.height, target)
-            if self.cfg.crop == "random" and resized != (target[1], target[0]):
-                return None
             top, left = (resized[1] - target[0]) // 2, (resized[0] - target[1]) // 2
             for flip in (False, True) if self.cfg.hflip else (False,):
                 views.append(View(index, target, resized, top, left, flip, record.caption))
