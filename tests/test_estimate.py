@@ -392,3 +392,53 @@ def test_latents_encoded_live_are_encoded_beside_the_weights_left_on_the_gpu(mak
     assert text_cached.offloadable_gb == pytest.approx(text, rel=1e-12) and text > 0
     assert text_cached.phases["VAE encoding"] == pytest.approx(nothing_cached.phases["VAE encoding"] - text,
                                                                rel=1e-12)
+
+
+# --- the memo on disk ---------------------------------------------------------------------------------------
+
+
+def test_an_estimate_is_remembered_on_disk_for_another_process(make_cfg, tmp_path):
+    """A second process (a resumed sweep, a launcher's worker) reads the estimate instead of tracing again:
+    the same figures, marked remembered; a damaged memo is computed again and rewritten."""
+    cfg = make_cfg(f"model.cache_dir={tmp_path}", "adapter.rank=3")  # a key no other test uses
+    estimate._CACHE.clear()
+    computed = estimate_peak(cfg)
+    memos = list((tmp_path / "estimates").glob("*.json"))
+    assert len(memos) == 1 and not computed.remembered
+    estimate._CACHE.clear()  # what a new process starts with
+    remembered = estimate_peak(cfg)
+    assert remembered.remembered and remembered.metrics()["predicted_vram"]["remembered"] is True
+
+    def figures(e):
+        return {k: v for k, v in e.__dict__.items() if k not in ("seconds", "remembered")}
+
+    assert figures(remembered) == figures(computed)
+    memos[0].write_text("{truncated")
+    estimate._CACHE.clear()
+    again = estimate_peak(cfg)
+    assert not again.remembered and figures(again) == figures(computed)
+    assert json.loads(memos[0].read_text())["total_gb"] == computed.total_gb
+
+
+def test_the_memo_follows_the_model_folder_and_the_estimator_inputs(make_cfg, tmp_path, monkeypatch):
+    """One memo per distinct input: another rank, another version of the estimator or an edited
+    component config.json under the same model path is another file, never a stale figure."""
+    cfg = make_cfg(f"model.cache_dir={tmp_path}")
+    key = estimate.cache_key(cfg)
+    configs = estimate.component_configs(cfg.model)
+    first = estimate._memo_path(cfg, key, configs)
+    assert estimate._memo_path(cfg, key, configs) == first  # stable
+    other_rank = make_cfg(f"model.cache_dir={tmp_path}", "adapter.rank=5")
+    assert estimate._memo_path(other_rank, estimate.cache_key(other_rank), configs) != first
+    edited = ({**configs[0], "unet": (configs[0]["unet"][0], {**configs[0]["unet"][1], "norm_num_groups": 4})},
+              configs[1])
+    assert estimate._memo_path(cfg, key, edited) != first
+    monkeypatch.setattr(estimate, "ESTIMATOR_VERSION", estimate.ESTIMATOR_VERSION + 1)
+    assert estimate._memo_path(cfg, key, configs) != first
+
+
+def test_a_failed_estimate_is_not_remembered(make_cfg, tmp_path):
+    cfg = make_cfg(f"model.cache_dir={tmp_path}", "model=sdxl", "model.pretrained=nobody/not-a-model")
+    estimate._CACHE.clear()
+    assert estimate_peak(cfg).total_gb is None
+    assert not (tmp_path / "estimates").exists()

@@ -111,6 +111,8 @@ class Estimate:
     params: dict[str, int] = field(default_factory=dict)
     trainable_params: int = 0
     seconds: float = 0.0
+    remembered: bool = False
+    """Read from the on-disk memo (`seconds` is then the time to read it), not computed here."""
     reason: str | None = None
     """Why there is no prediction (total_gb is None)."""
     notes: list[str] = field(default_factory=list)
@@ -134,7 +136,7 @@ class Estimate:
                          weights_by_component={k: _round(v) for k, v in self.weights_by_component.items()},
                          cached_latents=self.cached_latents, params=self.params,
                          trainable_params=self.trainable_params,
-                         seconds=_round(self.seconds), reason=self.reason, notes=self.notes)
+                         seconds=_round(self.seconds), remembered=self.remembered, reason=self.reason, notes=self.notes)
         return {"predicted_peak_vram_gb": _round(self.total_gb), "predicted_vram": breakdown}
 
 
@@ -558,30 +560,93 @@ def cache_key(cfg) -> str:
 
 
 def estimate_peak(cfg) -> Estimate:
-    """The predicted peak of torch.cuda.max_memory_allocated for this trial (cached per process).
+    """The predicted peak of torch.cuda.max_memory_allocated for this trial.
 
-    Never raises: an estimate that cannot be made has total_gb=None and says why in `reason`."""
+    Computed once per distinct estimator input and remembered: in this process (`_CACHE`) and on
+    disk (`<model.cache_dir>/estimates/`), so a resumed sweep, a second process and the workers of a
+    parallel launcher reuse it. Never raises: an estimate that cannot be made has total_gb=None and
+    says why in `reason` (such an estimate is not remembered on disk: the cause may be passing)."""
     key = cache_key(cfg)
     if key in _CACHE:
         return _CACHE[key]
     started = time.perf_counter()
-    try:
-        estimate = _estimate(cfg)
-    except EstimateUnavailable as e:
-        estimate = Estimate(total_gb=None, reason=str(e))
-    except Exception as e:  # noqa: BLE001 - the estimator must never cost a trial
-        log.warning("memory estimate failed (%s: %s); the trial is not affected", type(e).__name__, e)
-        estimate = Estimate(total_gb=None, reason=f"the estimator failed: {type(e).__name__}: {e}")
+    configs = _readable_configs(cfg)
+    memo = _memo_path(cfg, key, configs) if configs else None
+    estimate = _read_memo(memo) if memo else None
+    if estimate is None:
+        estimate = _estimate_or_reason(cfg, configs)
+        if memo and estimate.total_gb is not None:
+            _write_memo(memo, estimate)
     estimate.seconds = time.perf_counter() - started
     _CACHE[key] = estimate
     return estimate
 
 
-def _estimate(cfg) -> Estimate:
+def _readable_configs(cfg) -> tuple[dict, list[str]] | None:
+    """component_configs, or None when they cannot be read (`_estimate` then says why)."""
+    try:
+        return component_configs(cfg.model)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _estimate_or_reason(cfg, configs: tuple[dict, list[str]] | None) -> Estimate:
+    try:
+        return _estimate(cfg, configs)
+    except EstimateUnavailable as e:
+        return Estimate(total_gb=None, reason=str(e))
+    except Exception as e:  # noqa: BLE001 - the estimator must never cost a trial
+        log.warning("memory estimate failed (%s: %s); the trial is not affected", type(e).__name__, e)
+        return Estimate(total_gb=None, reason=f"the estimator failed: {type(e).__name__}: {e}")
+
+
+ESTIMATOR_VERSION = 1
+"""Raise it whenever what `_estimate` computes changes: remembered estimates of older versions are not read."""
+
+
+def _memo_path(cfg, key: str, configs: tuple[dict, list[str]]):
+    """Where this estimate is remembered: named by a hash of everything it depends on, i.e. the config
+    values it reads (cache_key), the components' configs (a local model folder can change under one
+    path), and the versions of the estimator and of the libraries whose modules it traces."""
+    import hashlib
+    import importlib.metadata as metadata
+    from pathlib import Path
+
+    components, notes = configs
+    versions = {lib: metadata.version(lib) for lib in ("torch", "diffusers", "transformers", "peft")}
+    inputs = json.dumps({"key": key, "configs": components, "notes": notes, "versions": versions,
+                         "estimator": ESTIMATOR_VERSION}, sort_keys=True, default=str)
+    digest = hashlib.sha256(inputs.encode()).hexdigest()[:32]
+    return Path(cfg.model.cache_dir).expanduser() / "estimates" / f"{digest}.json"
+
+
+def _read_memo(path) -> Estimate | None:
+    """A remembered estimate, or None when there is none or it cannot be read (then it is computed again)."""
+    try:
+        fields = json.loads(path.read_text())
+        return Estimate(**{**fields, "remembered": True})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_memo(path, estimate: Estimate) -> None:
+    from dataclasses import asdict
+
+    from sdsweep.io import atomic_write_json
+
+    try:
+        atomic_write_json(path, {k: v for k, v in asdict(estimate).items() if k not in ("seconds", "remembered")})
+    except OSError as e:  # a read-only cache folder costs a recomputation next time, nothing else
+        log.debug("could not remember the memory estimate in %s: %s", path, e)
+
+
+def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
+    """The estimate itself; `configs`: component_configs(cfg.model) when the caller read them already."""
     from sdsweep.model import adapters
 
     family, pr = cfg.model.family, cfg.precision
-    configs, notes = component_configs(cfg.model)
+    configs, notes = configs or component_configs(cfg.model)
+    notes = list(notes)
     cached_latents = _latents_cached(cfg, notes)
     modules = meta_modules(configs)
     denoiser_name = "transformer" if family == "sd3" else "unet"
