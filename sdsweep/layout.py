@@ -25,10 +25,47 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 METRICS = "metrics.json"
 MULTIRUN = "multirun.yaml"
 BASE_RECORD = "base.json"
+
+
+class UnreadableRecord(ValueError):
+    """A metrics.json or base.json that is not a readable JSON object; the message names the file and the fault."""
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "list", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def read_record(path: Path, name: str | None = None) -> dict:
+    """The JSON object in `path`, or UnreadableRecord saying what is wrong with the file (a trial
+    killed while writing it, a disk that filled up, a hand edit); `name`: the file's name in the message."""
+    name = name or str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UnreadableRecord(f"{name} cannot be read ({e.strerror or e})") from e
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UnreadableRecord(f"{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise UnreadableRecord(f"{name} is {_json_fault(e)} ({e.msg}: line {e.lineno} column {e.colno})") from e
+    if not isinstance(value, dict):
+        raise UnreadableRecord(f"{name} holds a JSON {_json_kind(value)}, not an object")
+    return value
+
+
+def _json_fault(e: json.JSONDecodeError) -> str:
+    if not e.doc.strip():
+        return "empty"
+    # the text stops inside a string or before a value: a write cut short
+    cut = e.pos >= len(e.doc.rstrip()) or e.msg.startswith("Unterminated string")
+    return "truncated" if cut else "not valid JSON"
 
 
 @dataclass(frozen=True)
@@ -51,6 +88,10 @@ class BaseDir:
 
     def exists(self) -> bool:
         return self.record.exists()
+
+    def read_record(self) -> dict:
+        """base.json as a dict; UnreadableRecord (naming the file) when it is damaged."""
+        return read_record(self.record)
 
 
 @dataclass(frozen=True)
@@ -117,10 +158,11 @@ class TrialDir:
         return BaseDir(self.base_root / key)
 
     def read_metrics(self) -> dict | None:
-        """metrics.json, or None when it is missing or unreadable (a trial killed before writing it)."""
+        """metrics.json, or None when it is missing or is not a readable JSON object (a trial killed
+        before writing it, a damaged file)."""
         try:
-            return json.loads(self.metrics.read_text())
-        except (OSError, json.JSONDecodeError):
+            return read_record(self.metrics)
+        except UnreadableRecord:
             return None
 
 
@@ -166,12 +208,14 @@ class SweepDir:
         return [TrialDir(p.parent) for p in sorted(self.path.glob(f"*/{METRICS}"))]
 
     def trials(self) -> list[tuple[TrialDir, dict]]:
-        """Every trial with its metrics.json (the only source of truth); an unreadable one reads as failed."""
+        """Every trial with its metrics.json (the only source of truth); one that is not a readable JSON
+        object reads as failed, with `unreadable` set and the reason naming the file and the fault."""
         out = []
         for trial in self.trial_dirs():
-            metrics = trial.read_metrics()
-            if metrics is None:
-                metrics = {"status": "failed", "reason": f"unreadable {METRICS} in {trial.path}"}
+            try:
+                metrics = read_record(trial.metrics, f"{trial.name}/{METRICS}")
+            except UnreadableRecord as e:
+                metrics = {"status": "failed", "unreadable": True, "reason": str(e)}
             out.append((trial, metrics))
         return out
 

@@ -9,7 +9,9 @@ same code at the end of every multirun. Rows:
   each figure is the mean over the seeds that finished, with its standard deviation in `<key>_std`;
 * ranked by the composite score (ties share a rank); a note where two configurations are not
   separated by more than their seed spread (std_a + std_b);
-* finished trials whose evaluation failed next, unranked, with `eval_error`; failed trials last.
+* finished trials whose evaluation failed next, unranked, with `eval_error`; failed trials last,
+  among them each trial whose metrics.json is damaged (not JSON, not an object, a field of the wrong
+  type), named by its folder with what is wrong. A damaged base.json is skipped and said so.
 
 Composite score: each metric is scaled over the finished trials and the base model, 1 for the
 best value seen (the highest, or for distances the lowest) and 0 for the worst, by a spread of at
@@ -25,14 +27,17 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from sdsweep.config.schema import GROUPS, EvalConfig
+from sdsweep.config.schema import GROUPS, SCORE_KEYS, EvalConfig
 from sdsweep.io import atomic_write_bytes
-from sdsweep.layout import SweepDir, TrialDir
+from sdsweep.layout import METRICS as METRICS_FILE
+from sdsweep.layout import BaseDir, SweepDir, TrialDir, UnreadableRecord
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +58,124 @@ WITH_STD = [k for k in NUMERIC if k != "eval/kid_subset_std"]  # over seeds
 RESOLUTION = 0.05  # differences below 5% of a metric's magnitude count as ties in the composite
 T4_VRAM_MB = 15360  # a T4's 16 GB as CUDA reports it (15 GiB usable)
 BASE_LABEL = "base model (no adapter)"
+UNREADABLE = "(unreadable)"  # the label of a trial whose metrics.json could not be read, after its folder's name
 
 
 def default_weights() -> dict[str, float]:
     return dict(EvalConfig().score_weights)
 
 
+# --- the records' fields -------------------------------------------------------------------------
+# A record (metrics.json, base.json) is checked before any of it is used: a field of the wrong type
+# (a hand edit, another tool's file) makes the record unreadable with the field named, instead of a
+# TypeError somewhere in the ranking or the report after some outputs were written.
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _image_row(v: Any) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("prompt"), str) and isinstance(v.get("file"), str)
+            and isinstance(v.get("seed"), int) and not isinstance(v.get("seed"), bool))
+
+
+# field -> (test of a value other than null, what it must be)
+Check = tuple[Callable[[Any], bool], str]
+TEXT: Check = (lambda v: isinstance(v, str), "a string")
+NUMBER: Check = (_number, "a number")
+IMAGES: Check = (lambda v: isinstance(v, list) and all(_image_row(r) for r in v),
+                 'a list of {"prompt": string, "seed": integer, "file": string}')
+SHARED_FIELDS: dict[str, Check] = {**{k: NUMBER for k in (*METRICS, "eval/kid_std", "eval_s")}, "eval_images": IMAGES}
+TRIAL_FIELDS: dict[str, Check] = {
+    **SHARED_FIELDS,
+    **{k: TEXT for k in ("status", "reason", "eval_error", "eval/base_key")},
+    **{k: NUMBER for k in ("trainable_params", "adapter_mb", "peak_vram_mb", "peak_memory_mb", "steps_per_s",
+                           "train_s", "wall_s", "final_loss", "predicted_peak_vram_gb", "peak_vram_reserved_mb")},
+    "overrides": (lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v), "a list of strings"),
+    "choices": (lambda v: isinstance(v, dict) and all(c is None or isinstance(c, str) for c in v.values()),
+                "an object of strings"),
+    "losses": (lambda v: isinstance(v, list) and all(x is None or _number(x) for x in v), "a list of numbers"),
+}
+BASE_FIELDS: dict[str, Check] = {
+    **SHARED_FIELDS,
+    "settings": (lambda v: isinstance(v, dict) and isinstance(v.get("precision"), dict)
+                 and {"base_dtype", "quantize"} <= set(v["precision"]), 'an object with "precision": '
+                 '{"base_dtype": ..., "quantize": ...}'),
+}
+BASE_REQUIRED = ("key", "settings")
+
+
+def check_fields(record: dict, fields: dict[str, Check], name: Path | str, required: tuple[str, ...] = ()) -> None:
+    """UnreadableRecord naming the file and every field that is missing or of the wrong type."""
+    wrong = [f'"{k}" is missing' for k in required if record.get(k) is None]
+    for key, (test, kind) in fields.items():
+        value = record.get(key)
+        if value is not None and not test(value):
+            wrong.append(f'"{key}" is {_short(value)}, not {kind}')
+    if wrong:
+        raise UnreadableRecord(f"{name}: {'; '.join(wrong)}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def read_base(base: BaseDir) -> dict:
+    """base.json, checked; UnreadableRecord naming the file and what is wrong."""
+    record = base.read_record()
+    check_fields(record, {**BASE_FIELDS, "key": TEXT}, base.record, BASE_REQUIRED)
+    return record
+
+
+def checked_trials(sweep: SweepDir) -> list[tuple[TrialDir, dict]]:
+    """The sweep's trials, each record checked: a damaged one reads as failed and unreadable (see
+    SweepDir.trials), with the reason naming the file and the fields that are wrong."""
+    out = []
+    for trial, m in sweep.trials():
+        if not m.get("unreadable"):
+            try:
+                check_fields(m, TRIAL_FIELDS, f"{trial.name}/{METRICS_FILE}")
+            except UnreadableRecord as e:
+                m = {"status": "failed", "unreadable": True, "reason": str(e)}
+        out.append((trial, m))
+    return out
+
+
 # --- rows ------------------------------------------------------------------------------------------
 
 
 def trial_seed(trial: TrialDir, overrides: list[str]) -> int | None:
-    """The training seed of a trial: from its overrides, else its saved config."""
+    """The training seed of a trial: from its overrides, else its saved config; None when neither says."""
     for o in overrides:
         if o.startswith("seed="):
-            return int(o.split("=", 1)[1])
-    saved = trial.config
-    if saved.exists():
+            value = o.split("=", 1)[1]
+            return int(value) if value.lstrip("-").isdigit() else None
+    if trial.config.exists():
         from omegaconf import OmegaConf
 
-        return OmegaConf.load(saved).get("seed")
+        try:
+            seed = OmegaConf.load(trial.config).get("seed")
+        except Exception:  # noqa: BLE001 - a damaged config.yaml: the seed is unknown, nothing more
+            return None
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
     return None
 
 
+def unreadable_row(trial: TrialDir, reason: str) -> dict[str, Any]:
+    """A trial whose metrics.json cannot be used: a failed row of its own, named by its folder."""
+    row: dict[str, Any] = {"trial": trial.name, "config_key": f"{trial.name} {UNREADABLE}", "seed": None,
+                           **{g: None for g in GROUPS}, "overrides": ""}
+    row.update({k: None for k in (*RESOURCES, "peak_vram_reserved_mb", *METRICS, "eval/kid_subset_std",
+                                  "eval_base_key")})
+    row.update(status="failed", reason=reason, scored=False)
+    return row
+
+
 def trial_row(trial: TrialDir, m: dict) -> dict[str, Any]:
+    if m.get("unreadable"):
+        return unreadable_row(trial, m["reason"])
     overrides = list(m.get("overrides") or [])
     config_key = ",".join(sorted(o for o in overrides if not o.startswith("seed="))) or "default"
     choices = m.get("choices") or {}
@@ -95,12 +195,20 @@ def trial_row(trial: TrialDir, m: dict) -> dict[str, Any]:
     return row
 
 
-def base_rows(sweep_dir: Path, trials: list[dict]) -> list[dict[str, Any]]:
-    """One row per base-model set sampled in this sweep (usually one; one per precision in a precision sweep)."""
+def base_rows(sweep_dir: Path, trials: list[dict], problems: list[str] | None = None,
+              sources: dict[str, RowSource] | None = None) -> list[dict[str, Any]]:
+    """One row per base-model set sampled in this sweep (usually one; one per precision in a precision sweep).
+
+    A damaged base.json is skipped, with a line in `problems`; `sources` gets each row's record."""
+    problems = [] if problems is None else problems
     rows: dict[str, dict[str, Any]] = {}
     scored = any(t.get("eval_base_key") for t in trials)
     for base in SweepDir(sweep_dir).bases():
-        b = json.loads(base.record.read_text())
+        try:
+            b = read_base(base)
+        except UnreadableRecord as e:
+            problems.append(f"skipped the base model's record: {e}")
+            continue
         users = [t for t in trials if t.get("eval_base_key") == b["key"]]
         if b["key"] in rows or (scored and not users):
             continue  # a base set no trial is compared with any more (its trials were re-scored)
@@ -113,6 +221,8 @@ def base_rows(sweep_dir: Path, trials: list[dict]) -> list[dict[str, Any]]:
         row.update({k: b.get(k) for k in METRICS})
         row["eval/kid_subset_std"] = b.get("eval/kid_std")
         rows[b["key"]] = row
+        if sources is not None:
+            sources[row["trial"]] = RowSource(b, base.samples)
     if len(rows) == 1:  # the usual case: no need to say which precision
         next(iter(rows.values()))["config_key"] = BASE_LABEL
     return list(rows.values())
@@ -242,8 +352,9 @@ def _spread_notes(board: pd.DataFrame, idx: list) -> None:
 
 def short_labels(keys: list[str]) -> dict[str, str]:
     """Each configuration named by the overrides that differ across the sweep (`adapter=dora`), not
-    by those every trial shares (`train.max_steps=3`)."""
-    split = {k: k.split(",") for k in keys if k != "default" and not k.startswith(BASE_LABEL)}
+    by those every trial shares (`train.max_steps=3`); the base model and unreadable trials as they are."""
+    split = {k: k.split(",") for k in keys
+             if k != "default" and not k.startswith(BASE_LABEL) and not k.endswith(UNREADABLE)}
     shared = set.intersection(*(set(v) for v in split.values())) if len(split) > 1 else set()
     return {k: (",".join(o for o in split[k] if o not in shared) or k) if k in split else k for k in keys}
 
@@ -256,16 +367,49 @@ class NoTrials(ValueError):
     """The folder holds no trial of a sweep: there is nothing to rank."""
 
 
+@dataclass(frozen=True)
+class RowSource:
+    """What a row of the per-trial table was read from: its checked record and its images' folder."""
+
+    record: dict
+    samples: Path
+
+
+@dataclass
+class Leaderboard:
+    """Everything the outputs are made of, read from the folders once."""
+
+    board: pd.DataFrame
+    """by configuration, ranked and ordered"""
+    per_trial: pd.DataFrame
+    sources: dict[str, RowSource] = field(default_factory=dict)
+    """per_trial's "trial" -> its record, for the report's images and loss curves (not read a second time)"""
+    problems: list[str] = field(default_factory=list)
+    """files skipped while reading the folder, each named with what is wrong with it"""
+
+
 def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(leaderboard by configuration, one row per trial), both ranked and ordered, from the folders alone.
 
     `weights`: the composite's; None reads those the sweep ran with (see `sweep_weights`)."""
-    weights = {**default_weights(), **(sweep_weights(sweep_dir) if weights is None else weights)}
-    trials = [trial_row(d, m) for d, m in SweepDir(sweep_dir).trials()]
+    result = collect(sweep_dir, weights)
+    return result.board, result.per_trial
+
+
+def collect(sweep_dir: Path, weights: dict[str, float] | None = None) -> Leaderboard:
+    """The leaderboard of `sweep_dir` with the records it was built from and the files it skipped."""
+    problems: list[str] = []
+    weights = {**default_weights(), **(sweep_weights(sweep_dir, problems) if weights is None else weights)}
+    sweep = SweepDir(sweep_dir)
+    sources: dict[str, RowSource] = {}
+    trials = []
+    for trial, m in checked_trials(sweep):
+        trials.append(trial_row(trial, m))
+        sources[trial.name] = RowSource({} if m.get("unreadable") else m, trial.samples)
     if not trials:
         raise NoTrials(f"{sweep_dir} holds no trial folders (no */metrics.json): give the folder a sweep "
                        "wrote, e.g. multirun/<date>/<time>, the one `python -m sdsweep -m ...` printed at the end")
-    rows = base_rows(sweep_dir, trials) + trials
+    rows = base_rows(sweep_dir, trials, problems, sources) + trials
     add_composite(rows, weights)
     labels = short_labels(list(dict.fromkeys(r["config_key"] for r in rows)))
     board = aggregate(rows)
@@ -284,14 +428,16 @@ def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.
     per_trial = per_trial.sort_values(["_failed", "_pos", "seed", "trial"], kind="stable", na_position="last")
     columns = ["trial", "config", "seed", "config_rank", "status", "composite", *METRICS, "eval/kid_subset_std",
                *RESOURCES, "peak_vram_reserved_mb", *GROUPS, "overrides", "reason", "config_key", "eval_base_key"]
-    return board, per_trial[columns].reset_index(drop=True)
+    for problem in problems:
+        log.warning("leaderboard: %s", problem)
+    return Leaderboard(board, per_trial[columns].reset_index(drop=True), sources, problems)
 
 
 # --- outputs -----------------------------------------------------------------------------------------
 
 
-def write_csv(df: pd.DataFrame, path: Path) -> None:
-    atomic_write_bytes(path, df.to_csv(index=False, float_format="%.6g").encode())
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    return df.to_csv(index=False, float_format="%.6g").encode()
 
 
 def table(board: pd.DataFrame) -> str:
@@ -337,51 +483,97 @@ def log_wandb_table(board: pd.DataFrame, sweep_dir: Path, tracking: Any, report:
 
 def write_all(sweep_dir: Path, weights: dict[str, float] | None = None, tracking: Any = None,
               echo: bool = True) -> pd.DataFrame:
-    """leaderboard.csv, leaderboard_trials.csv, report.html; the table on stdout; W&B when tracking is on."""
-    from sdsweep.board.report import write_report
+    """leaderboard.csv, leaderboard_trials.csv, report.html; the table on stdout; W&B when tracking is on.
+
+    The three files are made in memory first and only then written, each atomically: an error while
+    making any of them leaves the old ones as they were, never a new CSV beside an old report."""
+    from sdsweep.board.report import render
 
     sweep = SweepDir(sweep_dir)
-    board, per_trial = build(sweep.path, weights)
-    write_csv(board, sweep.leaderboard)
-    write_csv(per_trial, sweep.leaderboard_trials)
-    report = write_report(sweep.path, board, per_trial)
-    sweep_dir = sweep.path
+    result = collect(sweep.path, weights)
+    outputs = {sweep.leaderboard: csv_bytes(result.board), sweep.leaderboard_trials: csv_bytes(result.per_trial),
+               sweep.report: render(sweep.path, result).encode("utf-8")}
+    if echo:  # the table too, before anything is written: it formats every row
+        text = (f"\nleaderboard of {sweep.path} (composite: higher is better; * Pareto-optimal)\n"
+                f"{table(result.board)}\n-> {sweep.leaderboard}\n-> {sweep.report}")
+    for path, data in outputs.items():
+        atomic_write_bytes(path, data)
     if echo:
-        print(f"\nleaderboard of {sweep_dir} (composite: higher is better; * Pareto-optimal)\n{table(board)}\n"
-              f"-> {sweep.leaderboard}\n-> {report}", flush=True)
-    log_wandb_table(board, sweep_dir, tracking, report)
-    return board
+        print(text, flush=True)
+    log_wandb_table(result.board, sweep.path, tracking, sweep.report)
+    return result.board
 
 
-def sweep_weights(sweep_dir: Path) -> dict[str, float]:
-    """The score weights the sweep ran with: multirun.yaml, else a trial's .hydra/config.yaml, else the defaults."""
+def sweep_weights(sweep_dir: Path, problems: list[str] | None = None) -> dict[str, float]:
+    """The score weights the sweep ran with: multirun.yaml, else a trial's .hydra/config.yaml, else the defaults.
+
+    A file that cannot be read, or whose weights are not numbers >= 0 by metric, is skipped with a
+    line in `problems` (the next one is asked)."""
+    problems = [] if problems is None else problems
+    sweep = SweepDir(sweep_dir)
+    for path in [sweep.multirun, *sweep.trial_configs()]:
+        if not path.exists():
+            continue
+        try:
+            weights = _weights_in(path)
+        except ValueError as e:
+            problems.append(f"skipped the score weights in {path}: {e}")
+            continue
+        if weights is not None:
+            return {**default_weights(), **weights}
+    return default_weights()
+
+
+def _weights_in(path: Path) -> dict[str, float] | None:
+    """eval.score_weights of a saved config, None when it sets none; ValueError saying what is wrong."""
     from omegaconf import OmegaConf
 
-    sweep = SweepDir(sweep_dir)
-    candidates = [sweep.multirun, *sweep.trial_configs()]
-    for path in candidates:
-        if path.exists():
-            weights = OmegaConf.select(OmegaConf.load(path), "eval.score_weights")
-            if weights is not None:
-                return {**default_weights(), **OmegaConf.to_container(weights)}
-    return default_weights()
+    try:
+        node = OmegaConf.select(OmegaConf.load(path), "eval.score_weights")
+        weights = None if node is None else OmegaConf.to_container(node, resolve=True)
+    except Exception as e:  # noqa: BLE001 - YAML and OmegaConf raise many types for a damaged file
+        raise ValueError(f"not a readable config ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if weights is None:
+        return None
+    if not isinstance(weights, dict) or not all(k in SCORE_KEYS and _weight_ok(w) for k, w in weights.items()):
+        raise ValueError(f"eval.score_weights={_short(weights)} is not METRIC: number >= 0 "
+                         f"(METRIC one of {', '.join(SCORE_KEYS)})")
+    return {k: float(w) for k, w in weights.items()}
+
+
+def _weight_ok(w: Any) -> bool:
+    return _finite(w) and w >= 0
+
+
+def parse_weight(text: str) -> tuple[str, float]:
+    """--weight METRIC=W -> (METRIC, W); argparse turns the error into a usage error naming the flag."""
+    key, _, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if key not in SCORE_KEYS or not _weight_ok(weight):
+        why = f"unknown metric {key!r}" if key not in SCORE_KEYS else f"{value!r} is not a number >= 0"
+        raise argparse.ArgumentTypeError(f"{text!r}: {why}; expected METRIC=WEIGHT, METRIC one of "
+                                         f"{', '.join(SCORE_KEYS)}, WEIGHT a number >= 0, e.g. clip_score=2")
+    return key, weight
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdsweep.board",
                                      description="Rebuild leaderboard.csv and report.html from a sweep folder.")
     parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--weight", action="append", default=[], metavar="METRIC=W",
+    parser.add_argument("--weight", action="append", default=[], metavar="METRIC=W", type=parse_weight,
                         help="override one composite weight, e.g. --weight clip_score=2 (repeatable)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
-    weights = sweep_weights(args.sweep_dir)
-    for item in args.weight:
-        key, _, value = item.partition("=")
-        if key not in weights:
-            parser.error(f"--weight {item}: unknown metric {key!r} (one of {', '.join(weights)})")
-        weights[key] = float(value)
+    problems: list[str] = []
+    weights = {**sweep_weights(args.sweep_dir, problems), **dict(args.weight)}
+    if not any(weights.values()):
+        parser.error(f"--weight: every composite weight is 0 ({weights}): give at least one metric a positive weight")
+    for problem in problems:  # collect() is given the weights, so it does not read (or report) them again
+        log.warning("leaderboard: %s", problem)
     try:
         write_all(args.sweep_dir, weights)
     except NoTrials as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from datetime import datetime
 from pathlib import Path
@@ -18,8 +17,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from sdsweep.io import atomic_write_bytes
-from sdsweep.layout import SweepDir
+from sdsweep.board.leaderboard import Leaderboard, RowSource
 
 THUMB = 256  # longest side of an embedded image; keeps a 1024-px sweep's report a few MB
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -58,17 +56,19 @@ TIPS = [("clip_score", "CLIP"), ("content_cos", "content"), ("style_centroid_cos
 # --- the grid --------------------------------------------------------------------------------------
 
 
-def _grid(sweep_dir: Path, per_trial: pd.DataFrame) -> str:
+def _image_cell(path: Path, alt: str, tip: str) -> str:
+    try:
+        src = _png(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # a damaged sample: say so in its cell
+        return f"<td class=missing>unreadable image<br><small>{_e(path.name)}: {_e(type(e).__name__)}</small></td>"
+    return f'<td><img src="{src}" alt="{_e(alt)}" title="{_e(tip)}"><div class=tip>{_e(tip)}</div></td>'
+
+
+def _grid(per_trial: pd.DataFrame, sources: dict[str, RowSource]) -> str:
     rows, columns = [], []
     for _, t in per_trial.iterrows():
-        if t["status"] == "reference":
-            base = SweepDir(sweep_dir).base(t["eval_base_key"])
-            record = json.loads(base.record.read_text()) if base else {}
-            images = base.samples if base else None
-        else:
-            trial = SweepDir(sweep_dir).trial(t["trial"])
-            record = trial.read_metrics() or {}
-            images = trial.samples
+        source = sources.get(t["trial"])
+        record, images = (source.record, source.samples) if source else ({}, None)
         cells = {(r["prompt"], r["seed"]): r for r in record.get("eval_images") or []}
         for key in cells:
             if key not in columns:
@@ -98,8 +98,7 @@ def _grid(sweep_dir: Path, per_trial: pd.DataFrame) -> str:
                 tds.append("<td class=missing>missing</td>")
                 continue
             tip = " · ".join(f"{name} {_num(r[k])}" for k, name in TIPS if k in r)
-            tds.append(f'<td><img src="{_png(path)}" alt="{_e(key[0])} seed {key[1]}" title="{_e(tip)}">'
-                       f"<div class=tip>{_e(tip)}</div></td>")
+            tds.append(_image_cell(path, f"{key[0]} seed {key[1]}", tip))
         body.append(f"<tr><th class=row>{label}</th>{''.join(tds)}</tr>")
     return f"<table class=grid><tr><th></th>{head}</tr>{''.join(body)}</table>"
 
@@ -217,13 +216,13 @@ def _point_label(c: _Chart, x: float, y: float, text: str) -> str:
             f'text-anchor="{"end" if right else "start"}">{_e(text)}</text>')
 
 
-def _loss_chart(sweep_dir: Path, per_trial: pd.DataFrame) -> str:
+def _loss_chart(per_trial: pd.DataFrame, sources: dict[str, RowSource]) -> str:
     curves = []
     for _, t in per_trial.iterrows():
-        record = SweepDir(sweep_dir).trial(str(t["trial"])).read_metrics()
-        if t["status"] == "reference" or record is None:
+        source = sources.get(t["trial"])
+        if t["status"] == "reference" or source is None:
             continue
-        losses = [v for v in record.get("losses") or [] if v is not None and math.isfinite(v)]
+        losses = [v for v in source.record.get("losses") or [] if v is not None and math.isfinite(v)]
         if losses:
             curves.append((f"{t['config']} (seed {_seed_text(t['seed'])})", losses))
     if not curves:
@@ -254,11 +253,21 @@ table{border-collapse:collapse;font-size:12px}
 .board th,.board td{border-bottom:1px solid #ddd;padding:3px 6px;text-align:right;white-space:nowrap}
 .board td:nth-child(2),.board td:nth-child(3),.board th:nth-child(3){text-align:left}.board td.status{text-align:left;white-space:normal;min-width:160px;max-width:300px}
 tr.ref{background:#f3f6fb} tr.failed{color:#999} tr.pareto td:nth-child(2){font-weight:bold}
+.problems{color:#b00;font-size:13px}
 .scroll{overflow-x:auto} .charts{display:flex;flex-wrap:wrap;gap:24px} .legend{font-size:11px;margin-top:4px}
 """
 
 
-def render(sweep_dir: Path, board: pd.DataFrame, per_trial: pd.DataFrame) -> str:
+def _problems(problems: list[str]) -> str:
+    if not problems:
+        return ""
+    items = "".join(f"<li>{_e(p)}</li>" for p in problems)
+    return f"<div class=problems><b>Skipped while reading the folder:</b><ul>{items}</ul></div>"
+
+
+def render(sweep_dir: Path, result: Leaderboard) -> str:
+    """The page, from what the leaderboard was built of (its records are not read a second time)."""
+    board, per_trial, sources = result.board, result.per_trial, result.sources
     finished = int((board["status"] == "finished").sum())
     failed = int((~board["status"].isin(["finished", "reference"])).sum())
     return f"""<!doctype html>
@@ -267,8 +276,9 @@ def render(sweep_dir: Path, board: pd.DataFrame, per_trial: pd.DataFrame) -> str
 <h1>sdsweep: {_e(sweep_dir)}</h1>
 <div class=sub>{len(per_trial)} rows · {finished} configurations finished · {failed} failed ·
 written {datetime.now():%Y-%m-%d %H:%M} · rebuild with <code>python -m sdsweep.board {_e(sweep_dir)}</code></div>
+{_problems(result.problems)}
 <h2>Images: one row per trial, the base model first; one column per prompt and seed</h2>
-{_grid(sweep_dir, per_trial)}
+{_grid(per_trial, sources)}
 <h2>Leaderboard</h2>
 <div class=sub>composite: weighted mean of the metrics scaled over this sweep (1 = best value seen, 0 = worst;
 differences under 5% of a metric's size count as ties);
@@ -277,12 +287,7 @@ differences under 5% of a metric's size count as ties);
 <h2>Charts</h2>
 <div class=charts><div><b>Composite score against peak memory</b> (red: Pareto-optimal over score, memory and
 training time)<br>{_pareto_chart(board)}</div>
-<div><b>Training loss of every trial</b><br>{_loss_chart(sweep_dir, per_trial)}</div></div>
+<div><b>Training loss of every trial</b><br>{_loss_chart(per_trial, sources)}</div></div>
 </body></html>
 """
 
-
-def write_report(sweep_dir: Path, board: pd.DataFrame, per_trial: pd.DataFrame) -> Path:
-    path = SweepDir(sweep_dir).report
-    atomic_write_bytes(path, render(Path(sweep_dir), board, per_trial).encode("utf-8"))
-    return path
