@@ -9,7 +9,9 @@ is skipped, counted and reported in one warning, not discovered as a crash mid-t
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import logging
 from collections import Counter
@@ -75,36 +77,99 @@ def caption_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def read_text_file(path: Path) -> str:
+    """The text of a caption or metadata file, decoded strictly: UTF-8, with or without the byte-order
+    mark spreadsheets write (Excel's "CSV UTF-8"), or UTF-16 with its byte-order mark (Excel's "Unicode
+    text", Windows Notepad), which names its encoding unambiguously. Anything else is a DataError naming
+    the file: a caption must never be trained on with characters replaced by U+FFFD."""
+    data = path.read_bytes()
+    utf16 = data.startswith(UTF16_BOMS)
+    if b"\x00" in data and not utf16:  # no caption holds NUL: UTF-16 written without a BOM (ASCII's high bytes)
+        order = "utf-16be" if data.startswith(b"\x00") else "utf-16le"
+        raise DataError(f"{path} holds NUL bytes: it is probably UTF-16 without a byte-order mark; re-save it "
+                        f"as UTF-8, e.g. `iconv -f {order} -t utf-8 {path} > {path.name}.utf8`")
+    text = _decode_utf16(path, data) if utf16 else _decode_utf8(path, data)
+    if "\x00" in text:  # a UTF-32 file starts with the UTF-16 little-endian BOM, then decodes to NULs
+        raise DataError(f"{path} is not UTF-8 or UTF-16 (UTF-32?): re-save it as UTF-8")
+    return text
+
+
+def _decode_utf16(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-16")  # the BOM says which byte order; the decoder drops it
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} starts with a UTF-16 byte-order mark but is not valid UTF-16 "
+                        f"(at offset {e.start}): re-save it as UTF-8") from e
+
+
+def _decode_utf8(path: Path, data: bytes) -> str:
+    body = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = e.start + len(data) - len(body)
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(
+            f"{path} is not UTF-8 (byte 0x{data[offset]:02x} at offset {offset}, line {line}): re-save it as "
+            f"UTF-8, e.g. for Latin-1 / Windows-1252 text `iconv -f latin1 -t utf-8 {path} > {path.name}.utf8` "
+            "and move that over the original"
+        ) from e
+
+
 def _captions_from_jsonl(path: Path, column: str) -> dict[str, str]:
     captions, seen_column = {}, False
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                captions[row["file_name"]] = caption_text(row.get(column))
-                seen_column |= column in row
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(
-                    f"{path} line {lineno} is not a JSON object with "
-                    f'"file_name" and "{column}" ({e}): fix or remove that line'
-                ) from e
+    # the line breaks of a text-mode read (not str.splitlines: U+2028 and friends may sit inside a caption;
+    # a raw \r cannot, JSON escapes it)
+    lines = read_text_file(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[row["file_name"]] = caption_text(row.get(column))
+            seen_column |= column in row
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(
+                f"{path} line {lineno} is not a JSON object with "
+                f'"file_name" and "{column}" ({e}): fix or remove that line'
+            ) from e
     if captions and not seen_column:
         raise DataError(f'{path} has no "{column}" field on any line: set data.caption_column to its caption field')
     return captions
 
 
 def _captions_from_csv(path: Path, column: str) -> dict[str, str]:
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a BOM
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "file_name" not in fields or column not in fields:
-            raise DataError(
-                f"{path} has columns {fields}: it needs file_name and {column} "
-                "(set data.caption_column to the caption column's name)"
-            )
-        return {row["file_name"]: caption_text(row[column]) for row in reader}
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
+    fields = reader.fieldnames or []
+    if "file_name" not in fields or column not in fields:
+        raise DataError(
+            f"{path} has columns {fields}: it needs file_name and {column} "
+            "(set data.caption_column to the caption column's name)"
+        )
+    return {row["file_name"]: caption_text(row[column]) for row in reader}
+
+
+def captions_from_sidecars(folder: Path, images: list[Path]) -> dict[str, str]:
+    """file_name -> caption from the `.txt` beside each image (kohya's convention); images without one are
+    left out. Caption files that cannot be decoded are one DataError naming them, before any image is decoded."""
+    captions: dict[str, str] = {}
+    bad: list[tuple[Path, DataError]] = []
+    for image in images:
+        sidecar = image.with_suffix(".txt")
+        if not sidecar.exists():
+            continue
+        try:
+            captions[image.relative_to(folder).as_posix()] = read_text_file(sidecar)
+        except DataError as e:
+            bad.append((sidecar, e))
+    if bad:
+        others = [p.name for p, _ in bad[1:]]
+        also = f" (so are {len(others)} more: {', '.join(others[:3])}{', ...' * (len(others) > 3)})" if others else ""
+        raise DataError(f"{bad[0][1]}{also}") from bad[0][1]
+    return captions
 
 
 def captions_from_metadata(folder: Path, column: str = "text") -> dict[str, str] | None:
@@ -163,14 +228,12 @@ def scan_folder(folder: Path, min_size: int = 8, caption_column: str = "text") -
             f"data.path={folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add images or fix the path"
         )
     captions = captions_from_metadata(folder, caption_column)
+    if captions is None:
+        captions = captions_from_sidecars(folder, images)
     report = ScanReport(records=[])
     _seed_from_export(folder, report)
     for path in images:
-        if captions is not None:
-            caption = captions.get(path.relative_to(folder).as_posix())
-        else:
-            sidecar = path.with_suffix(".txt")
-            caption = sidecar.read_text(encoding="utf-8", errors="replace") if sidecar.exists() else None
+        caption = captions.get(path.relative_to(folder).as_posix())
         if caption is None:
             report.skip("no caption", path)
             continue
