@@ -38,9 +38,9 @@ def test_the_readme_2x2_sweep_gives_four_trial_folders(readme_sweep):
 
 def test_a_failed_trial_does_not_stop_the_sweep_and_sets_the_exit_status(cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli(["-m", "debug.nan_at_step=0,-1", *_common(cache_dir, sweep)], cli_env(cache_dir), cwd=tmp_path)
+    result = run_cli(["-m", "debug.nan_at_step=1,-1", *_common(cache_dir, sweep)], cli_env(cache_dir), cwd=tmp_path)
     assert result.returncode == 1
-    failed = json.loads((sweep / "debug.nan_at_step=0,train.max_steps=2" / "metrics.json").read_text())
+    failed = json.loads((sweep / "debug.nan_at_step=1,train.max_steps=2" / "metrics.json").read_text())
     finished = json.loads((sweep / "debug.nan_at_step=-1,train.max_steps=2" / "metrics.json").read_text())
     assert failed["status"] == "failed" and "step 1" in failed["reason"]
     assert finished["status"] == "finished"

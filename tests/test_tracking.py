@@ -71,7 +71,7 @@ def test_online_without_a_reachable_server_degrades_to_offline(make_cfg, tmp_pat
 
 
 def test_failed_trial_is_summarised_as_failed(make_cfg, tmp_path):
-    metrics = run_trial(make_cfg("tracking.mode=offline", "debug.nan_at_step=1"), tmp_path)
+    metrics = run_trial(make_cfg("tracking.mode=offline", "debug.nan_at_step=2"), tmp_path)
     assert metrics["status"] == "failed"
     summary = read_run(_run_file(tmp_path))["summary"]
     assert summary["status"] == "failed" and "step 2" in summary["reason"]

@@ -148,9 +148,9 @@ def test_a_checkpoint_is_written_whatever_log_every_is(make_cfg, tmp_path):
 
 
 def test_nan_loss_is_recorded_with_its_step(make_cfg, tmp_path):
-    metrics = run_trial(make_cfg("debug.nan_at_step=1", steps=3), tmp_path)
+    metrics = run_trial(make_cfg("debug.nan_at_step=2", steps=3), tmp_path)
     assert metrics["status"] == "failed"
-    assert "NonFiniteLoss" in metrics["reason"] and "step 2" in metrics["reason"]
+    assert metrics["reason"] == "NonFiniteLoss: loss became nan at step 2"  # the step as train_log numbers it
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
 
 
@@ -189,10 +189,10 @@ def test_options_change_the_training_not_just_the_name(make_cfg, tmp_path):
 
 
 def test_nan_policy_skip_drops_the_step_and_goes_on(make_cfg, tmp_path):
-    metrics = run_trial(make_cfg("train.nan_policy=skip", "debug.nan_at_step=1", steps=3), tmp_path / "a")
+    metrics = run_trial(make_cfg("train.nan_policy=skip", "debug.nan_at_step=2", steps=3), tmp_path / "a")
     assert metrics["status"] == "finished" and metrics["nan_skipped_steps"] == [2]
     assert math.isfinite(metrics["final_loss"]) and math.isfinite(metrics["mean_loss"])
-    limited = run_trial(make_cfg("train.nan_policy=skip", "train.max_nan_skips=0", "debug.nan_at_step=1", steps=3),
+    limited = run_trial(make_cfg("train.nan_policy=skip", "train.max_nan_skips=0", "debug.nan_at_step=2", steps=3),
                         tmp_path / "b")
     assert limited["status"] == "failed" and "max_nan_skips=0" in limited["reason"]
 

@@ -27,7 +27,7 @@ from sdsweep.layout import TrialDir
 from sdsweep.model.conditioning import encode_text, prompt_embeddings, sdxl_time_ids
 from sdsweep.model.precision import autocast
 from sdsweep.train import objectives
-from sdsweep.train.checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from sdsweep.train.checkpoints import TrainState, load_into, newest_intact, save_checkpoint
 from sdsweep.train.meters import SpeedMeter
 from sdsweep.train.setup import Setup
 from sdsweep.train.tracking import Tracker, finish_profiler, make_profiler
@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or inf; training this trial further would be meaningless."""
+    """The loss became NaN or inf; training this trial further would be meaningless.
+
+    `figures`: the training figures up to the failing step (set by `train`), as a finished trial
+    has them; `losses` ends with the failing step's loss (null in metrics.json)."""
+
+    figures: dict[str, Any] = {}
 
 
 class Stopper(Protocol):
@@ -132,23 +137,44 @@ class _Run:
 
 def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = None,
           stopper: Stopper | None = None, on_validation: Callable[[int], None] | None = None) -> dict:
-    """Train `s` for train.max_steps (continuing from the trial's newest checkpoint); return the
-    training figures for metrics.json. Raises NonFiniteLoss when the loss goes NaN/inf."""
+    """Train `s` for train.max_steps (continuing from the trial's newest intact checkpoint); return
+    the training figures for metrics.json. Raises NonFiniteLoss (with its `figures`) when the loss
+    goes NaN/inf.
+
+    Steps are numbered from 1, as train_log.jsonl, checkpoints, debug.nan_at_step and
+    debug.raise_at_step count them: step N is the N-th optimizer step, `losses[N - 1]` its loss."""
     trial = TrialDir(trial_dir)
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
-    state, resumed_from = _resume(s, trial)
+    state, resumed_from = _resume(s, trial, main=rank == 0)
     # train.batch_size is per process (as in diffusers' scripts): with N processes a step trains
     # on batch_size x grad_accum x N samples, each process on its own share of them
     samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     run = _Run(cfg, s, trial, tracker or Tracker(), state, SpeedMeter(cfg.tracking.warmup_steps, samples_per_step),
                world, rank, smoothed=_smoothed_curve(state.losses, cfg.tracking.smoothing))
+    run.tracker.rewind(state.step)  # the steps after the checkpoint (or all, from scratch) are logged again
     batches = iter(make_loader(s.dataset, cfg.train.batch_size, cfg.seed, state.step * samples_per_step,
                                cfg.data.num_workers, rank, world))
     trace: dict | None = {"rank": rank, "keys": [], "losses": []} if cfg.debug.trace_data else None
     profiler = make_profiler(cfg, trial.path) if run.main else None
     run.speed.start(state.step)
-    stop = None
+    try:
+        stop = _train_steps(run, batches, trace, profiler, stopper, on_validation)
+    except NonFiniteLoss as e:
+        e.figures = _summary(run, resumed_from, None)
+        raise
 
+    if profiler is not None:
+        finish_profiler(profiler, trial.path, run.tracker)
+    if trace is not None:
+        _write_trace(trial, trace, s.trainable)
+    return _summary(run, resumed_from, stop)
+
+
+def _train_steps(run: _Run, batches: Iterator[dict], trace: dict | None, profiler, stopper: Stopper | None,
+                 on_validation: Callable[[int], None] | None):
+    """From the state's step to train.max_steps, or to an early stop (returned)."""
+    cfg, s, state = run.cfg, run.s, run.state
+    world, rank = run.world, run.rank
     for step in range(state.step, cfg.train.max_steps):
         # every random draw of a step (noise, timesteps, dropout) depends only on (seed, step) and
         # the process's rank, so a resumed trial reproduces an uninterrupted one
@@ -160,6 +186,7 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        _check_nan_skips(run, done)
         if profiler is not None:
             profiler.step()
         checkpoint_due = run.main and cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
@@ -176,26 +203,22 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
             raise RuntimeError(f"debug.raise_at_step={done}: simulated crash")
         if stopper is not None and not run.pending and (stop := _should_stop(run, stopper)):
             log.warning("%s", stop.reason())
-            break
-
-    if profiler is not None:
-        finish_profiler(profiler, trial.path, run.tracker)
-    if trace is not None:
-        _write_trace(trial, trace, s.trainable)
-    return _summary(run, resumed_from, stop)
+            return stop
+    return None
 
 
-def _resume(s: Setup, trial: TrialDir) -> tuple[TrainState, int | None]:
-    """The newest checkpoint's state loaded into `s` (the same trial run again in the same folder
-    continues where it stopped), or a fresh state; and the step resumed from."""
-    existing = list_checkpoints(trial.checkpoints)
-    if not existing:
+def _resume(s: Setup, trial: TrialDir, main: bool) -> tuple[TrainState, int | None]:
+    """The newest intact checkpoint's state loaded into `s` (the same trial run again in the same
+    folder continues where it stopped; damaged checkpoints are set aside), or a fresh state; and
+    the step resumed from."""
+    checkpoint = newest_intact(trial.checkpoints, main)
+    if checkpoint is None:
         return TrainState(step=0, losses=[], elapsed_s=0.0, scheduler={}, scaler={}), None
-    state = load_checkpoint(existing[-1], s.trainable, s.optimizer)
+    state = load_into(checkpoint, s.trainable, s.optimizer)
     s.scheduler.load_state_dict(state.scheduler)
     if state.scaler:
         s.scaler.load_state_dict(state.scaler)
-    log.info("resuming from %s at step %d", existing[-1].name, state.step)
+    log.info("resuming from %s at step %d", checkpoint.folder.name, state.step)
     return state, state.step
 
 
@@ -225,7 +248,7 @@ def _accumulate(run: _Run, batches: Iterator[dict], step: int, trace: dict | Non
         sync = s.accelerator.no_sync(s.components.denoiser) if micro < accum - 1 else nullcontext()
         with sync:
             loss = diffusion_loss(s, cfg, batch)
-            if step == cfg.debug.nan_at_step:
+            if step + 1 == cfg.debug.nan_at_step:  # step + 1: the step's number (see train)
                 loss = loss * float("nan")
             s.scaler.scale(loss / accum).backward()
         step_loss += loss.detach() / accum
@@ -245,10 +268,6 @@ def _optimizer_step(run: _Run, step: int, step_loss: torch.Tensor) -> torch.Tens
         state.skipped_steps.append(step + 1)
         log.warning("step %d: loss is %s, update skipped (%d of train.max_nan_skips=%d)", step + 1,
                     step_loss.item(), len(state.skipped_steps), cfg.train.max_nan_skips)
-        if len(state.skipped_steps) > cfg.train.max_nan_skips:
-            raise NonFiniteLoss(f"loss was NaN/inf at {len(state.skipped_steps)} steps "
-                                f"(more than train.max_nan_skips={cfg.train.max_nan_skips}): "
-                                f"steps {state.skipped_steps[:10]}")
         return torch.full((), float("nan"))
     s.scaler.unscale_(s.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(list(s.trainable.values()), cfg.train.max_grad_norm or float("inf"))
@@ -257,29 +276,51 @@ def _optimizer_step(run: _Run, step: int, step_loss: torch.Tensor) -> torch.Tens
     return grad_norm
 
 
+def _check_nan_skips(run: _Run, done: int) -> None:
+    """NonFiniteLoss once more steps were skipped than train.max_nan_skips allows; the steps up to
+    this one are logged and in the losses first, as they would be at the next log step."""
+    skipped, limit = run.state.skipped_steps, run.cfg.train.max_nan_skips
+    if len(skipped) > limit:
+        _flush_log(run, done)
+        raise NonFiniteLoss(f"loss was NaN/inf at {len(skipped)} steps (more than train.max_nan_skips={limit}): "
+                            f"steps {skipped[:10]}")
+
+
 def _flush_log(run: _Run, done: int) -> None:
     """Bring the pending steps' losses to the host (one sync, and one collective across processes),
-    fail on a NaN the policy does not skip, and log a row per step."""
+    log a row per step, and fail on a NaN the policy does not skip: the steps before it are logged,
+    and the losses end with its loss."""
     cfg, s, state = run.cfg, run.s, run.state
     values = torch.stack([v for v, _ in run.pending])
     # the loss of the trial is the mean over its processes
     values = (values if run.world == 1 else s.accelerator.reduce(values, "mean")).tolist()
     first_step = done - len(values) + 1
-    for i, (value, _) in enumerate(values):
-        if not math.isfinite(value) and first_step + i not in state.skipped_steps:
-            raise NonFiniteLoss(f"loss became {value} at step {first_step + i}")
+    bad = next((i for i, (value, _) in enumerate(values)
+                if not math.isfinite(value) and first_step + i not in state.skipped_steps), None)
+    if bad is not None:
+        _log_rows(run, values[:bad], first_step, done, {})
+        state.losses.extend(v for v, _ in values[:bad + 1])
+        run.pending.clear()
+        raise NonFiniteLoss(f"loss became {values[bad][0]} at step {first_step + bad}")
     figures = {**run.speed.read(done), **s.memory.read()}
+    _log_rows(run, values, first_step, done, figures)
+    state.losses.extend(v for v, _ in values)
+    lr = run.pending[-1][1][0]
+    run.pending.clear()
+    log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.2f it/s", done, cfg.train.max_steps, values[-1][0],
+             values[-1][1], lr, figures["perf/it_per_s"])
+
+
+def _log_rows(run: _Run, values: list[list[float]], first_step: int, done: int, figures: dict) -> None:
+    """A train_log row per step of `values` (the pending steps from `first_step` on); the speed and
+    memory figures go with step `done`'s."""
+    cfg = run.cfg
     for i, ((value, norm), (_, lrs)) in enumerate(zip(values, run.pending)):
         run.smoothed = _smooth(run.smoothed, value, cfg.tracking.smoothing)
         row = {"train/loss": value, "train/loss_smoothed": run.smoothed, "train/grad_norm": norm,
                **{f"train/lr_{name}": lr for name, lr in zip(("unet", "text_encoder"), lrs)}}
         this_step = first_step + i
         run.tracker.log({**row, **figures} if this_step == done else row, this_step)
-    state.losses.extend(v for v, _ in values)
-    lr = run.pending[-1][1][0]
-    run.pending.clear()
-    log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.2f it/s", done, cfg.train.max_steps, values[-1][0],
-             values[-1][1], lr, figures["perf/it_per_s"])
 
 
 def _checkpoint(run: _Run, done: int) -> None:

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdsweep.config.schema import ABLATION_AXES
+from sdsweep.io import atomic_write_bytes
 from sdsweep.layout import TrialDir
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ class Tracker:
     """The interface, and the null sink (tracking.mode=disabled)."""
 
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after `step`: the trial resumes there and logs those steps again."""
 
     def log_images(self, key: str, images: list[tuple[str, Any]], step: int) -> None: ...
 
@@ -38,7 +42,8 @@ class Tracker:
 
 
 class JsonlTracker(Tracker):
-    """train_log.jsonl in the trial folder: one line per logged step, appended (survives resume)."""
+    """train_log.jsonl in the trial folder: one line per logged step, appended; a resumed trial
+    first rewinds it to its checkpoint, so each step is in it once."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -46,6 +51,48 @@ class JsonlTracker(Tracker):
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows of steps after `step` (logged by the attempt that was killed or failed after
+        its last checkpoint) and a line cut short (a kill or a full disk mid-write); the rows kept
+        stay byte for byte. Rewritten atomically, and only when something is dropped."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        kept, dropped, broken = rows_up_to(data, step)
+        if kept == data:
+            return
+        atomic_write_bytes(self.path, kept)
+        if broken:
+            log.warning("%s: dropped %d line(s) that are not a complete JSON row (a write cut short)",
+                        self.path, broken)
+        log.info("%s: dropped the %d row(s) after step %d, which this attempt logs again", self.path, dropped, step)
+
+
+def rows_up_to(data: bytes, step: int) -> tuple[bytes, int, int]:
+    """The lines of a JSONL log whose row has a step <= `step`, unchanged; and how many rows were
+    dropped for a later step and how many lines for not being a complete row (unparseable, or the
+    last line without its newline: json.dumps never writes one inside a row)."""
+    *lines, tail = data.split(b"\n")
+    kept, dropped, broken = [], 0, int(bool(tail))
+    for line in lines:
+        row_step = _row_step(line)
+        if row_step is None:
+            broken += 1
+        elif row_step <= step:
+            kept.append(line + b"\n")
+        else:
+            dropped += 1
+    return b"".join(kept), dropped, broken
+
+
+def _row_step(line: bytes) -> int | None:
+    try:
+        row = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if type(step) is int else None
 
 
 class WandbTracker(Tracker):
@@ -67,6 +114,8 @@ class WandbTracker(Tracker):
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._guard("log", self.run.log, {**metrics, "step": step}, step=step)
+
+    # rewind: nothing to do, every attempt of a trial is a W&B run of its own (wandb.init per attempt)
 
     def log_images(self, key: str, images: list[tuple[str, Any]], step: int) -> None:
         import wandb
@@ -96,6 +145,10 @@ class FanOut(Tracker):
     def log(self, metrics, step):
         for s in self.sinks:
             s.log(metrics, step)
+
+    def rewind(self, step):
+        for s in self.sinks:
+            s.rewind(step)
 
     def log_images(self, key, images, step):
         for s in self.sinks:
