@@ -45,9 +45,10 @@ def test_a_multi_process_launch_needs_one_folder_and_one_trial(monkeypatch):
 @pytest.mark.slow
 def test_two_processes_train_one_trial_on_disjoint_shares_of_each_batch(cache_dir, tmp_path):
     out = tmp_path / "run"
-    # text_encoder=lora: its adapters are outside the DDP-wrapped unet, so they are synced by hand
+    # text_encoder=lora: its adapters are outside the DDP-wrapped unet, so they are synced by hand;
+    # a checkpoint at a step that logs nothing: every process must still join the flush before it
     args = [f"hydra.run.dir={out}", f"model.cache_dir={cache_dir}", "train.max_steps=2", "train.batch_size=1",
-            "text_encoder=lora", "eval.enabled=false", "tracking.mode=disabled", "debug.trace_data=true"]
+            "train.log_every=2", "train.checkpoint_every=1", "text_encoder=lora", "eval.enabled=false", "tracking.mode=disabled", "debug.trace_data=true"]
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -189,11 +189,14 @@ def _train_steps(run: _Run, batches: Iterator[dict], trace: dict | None, profile
         _check_nan_skips(run, done)
         if profiler is not None:
             profiler.step()
-        checkpoint_due = run.main and cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
+        checkpoint_step = bool(cfg.train.checkpoint_every) and done % cfg.train.checkpoint_every == 0
         # loss.item() every step would sync the GPU each step: check and log every log_every steps
-        # (and before a checkpoint, which must hold every step's loss up to its own)
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or checkpoint_due:
+        # (and before a checkpoint, which must hold every step's loss up to its own). Every process
+        # flushes at the same steps: the flush reduces the losses across processes (a collective),
+        # so it must not depend on which process writes the checkpoint.
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or checkpoint_step:
             _flush_log(run, done)
+        checkpoint_due = run.main and checkpoint_step
         if on_validation is not None and run.main and cfg.tracking.validation_every and (
                 done % cfg.tracking.validation_every == 0 or done == cfg.train.max_steps):
             on_validation(done)
