@@ -222,3 +222,13 @@ def test_exceeding_max_nan_skips_keeps_the_skipped_steps_in_the_losses(make_cfg,
     assert losses[0] == trained["whole"]["losses"][0] and len(losses) == 2 and math.isnan(losses[1])
     assert nan.figures["nan_skipped_steps"] == [2]
     assert [row["step"] for row in _rows(TrialDir(tmp_path / "t"))] == [1, 2]
+
+
+def test_a_nan_trial_records_the_steps_it_trained_in_metrics_json(make_cfg, trained, tmp_path):
+    """metrics.json of a NaN trial holds its curve up to the failing step (that step's loss null), not null."""
+    metrics = run_trial(make_cfg(*CHECKPOINTS, "debug.nan_at_step=3", steps=STEPS), tmp_path / "t")
+    stored = json.loads(TrialDir(tmp_path / "t").metrics.read_text())
+    assert metrics["status"] == stored["status"] == "failed"
+    assert stored["reason"] == "NonFiniteLoss: loss became nan at step 3"
+    assert stored["losses"] == [*trained["whole"]["losses"][:2], None] and stored["steps_trained"] == 3
+    assert stored["final_loss"] == trained["whole"]["losses"][1]

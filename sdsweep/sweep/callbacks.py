@@ -9,26 +9,48 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sdsweep.io import atomic_write_json
+from sdsweep.io import atomic_write_json, describe_write_error, remove_leftovers, write_failure
 from sdsweep.layout import SweepDir
 
 log = logging.getLogger("sdsweep")
 SUMMARIES: list[Path] = []
-"""summary.json of each sweep this process ran, for __main__'s exit status: Hydra builds callbacks
-from the config and hands no result of the sweep back to the code that called hydra.main."""
+"""summary.json of each sweep this process ran (when it could be written), for __main__'s exit status:
+Hydra builds callbacks from the config and hands no result of the sweep back to the code that called hydra.main."""
+OUTCOMES: list[dict] = []
+"""The summary of each sweep this process ran, written to disk or not (a full disk)."""
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: count finished and failed trials from their folders."""
+    """Around a multirun: the sweep folder's leftover temporary files removed at its start and end;
+    at its end, finished and failed trials counted from their folders, and the leaderboard."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        clean_sweep_folder(SweepDir(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = SweepDir(config.hydra.sweep.dir)
+        clean_sweep_folder(sweep)
         summary = summarize(sweep)
-        atomic_write_json(sweep.summary, summary)
-        SUMMARIES.append(sweep.summary)
+        OUTCOMES.append(summary)
+        try:
+            atomic_write_json(sweep.summary, summary)
+            SUMMARIES.append(sweep.summary)
+        except Exception as e:  # noqa: BLE001 - the lines below and the leaderboard still matter
+            log.error("%s not written (%s)", sweep.summary, describe_write_error(e, sweep.summary))
         for line in summary["lines"]:
             (log.error if summary["failed"] else log.info)(line)
         write_leaderboard(sweep.path, config)
+
+
+def clean_sweep_folder(sweep: SweepDir) -> None:
+    """What killed writes left at the top of the sweep folder (`.leaderboard.csv.*.tmp`, ...) and in its
+    base/; only called while no trial of the sweep runs. The trials clean their own folders as they start."""
+    for folder in (sweep.path, sweep.base_root):
+        try:
+            for line in remove_leftovers(folder):
+                log.info("left by an interrupted write: %s", line)
+        except OSError as e:
+            log.warning("could not clean the temporary files in %s (%s)", folder, e)
 
 
 def summarize(sweep: SweepDir) -> dict:
@@ -62,5 +84,9 @@ def write_leaderboard(sweep_dir: Path, config: DictConfig) -> None:
         write_all(sweep_dir, OmegaConf.to_container(weights) if weights is not None else None,
                   tracking=OmegaConf.select(config, "tracking"))
     except Exception as e:  # noqa: BLE001
-        log.exception("leaderboard not written (%s: %s); rebuild it with `python -m sdsweep.board %s`",
-                      type(e).__name__, e, sweep_dir)
+        rebuild = f"rebuild it with `python -m sdsweep.board {sweep_dir}`"
+        if (failure := write_failure(e, sweep_dir)) is not None or isinstance(e, OSError):
+            # a full disk, a read-only folder: one line says it all
+            log.error("leaderboard not written (%s); %s", failure or f"{type(e).__name__}: {e}", rebuild)
+        else:  # a bug: its traceback is what fixes it
+            log.exception("leaderboard not written (%s: %s); %s", type(e).__name__, e, rebuild)

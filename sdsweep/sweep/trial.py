@@ -24,7 +24,7 @@ from sdsweep.config.validate import validate
 from sdsweep.config.validate import warnings as config_warnings
 from sdsweep.eval.evaluate import evaluate_trial, with_scores
 from sdsweep.eval.sampling import sample_validation
-from sdsweep.io import atomic_write_json
+from sdsweep.io import atomic_write_json, describe_write_error, remove_leftovers, write_failure
 from sdsweep.layout import TrialDir
 from sdsweep.model import adapters, kept_base
 from sdsweep.model import load as models
@@ -32,7 +32,7 @@ from sdsweep.sweep.early_stop import Stopper
 from sdsweep.sweep.estimate import estimate_peak
 from sdsweep.sweep.prune import prune_reason
 from sdsweep.sweep.resume import fingerprints, kept_trial
-from sdsweep.train.loop import train
+from sdsweep.train.loop import NonFiniteLoss, train
 from sdsweep.train.meters import MemoryMeter
 from sdsweep.train.setup import Setup, denoiser, restore_offloaded, setup
 from sdsweep.train.tracking import Tracker, make_tracker
@@ -68,6 +68,8 @@ def run_trial(
             for warning in ignored:
                 log.warning("config: %s", warning)
     metrics.update(fingerprints(cfg))
+    if process_rank() == 0:  # the other processes of a multi-process trial write nothing, and remove nothing
+        _clean_leftovers(trial_dir)
     if kept := kept_trial(trial_dir, cfg):
         return _rescored(cfg, trial_dir, kept.metrics) if kept.rescore else _kept_as_is(trial_dir, kept.metrics)
     # the prediction is recorded for every trial (a CPU run too), before anything is loaded
@@ -105,8 +107,32 @@ def process_rank() -> int:
 
 
 def _write_metrics(trial_dir: Path, metrics: dict) -> None:
-    if process_rank() == 0:
-        atomic_write_json(TrialDir(trial_dir).metrics, metrics)
+    """Write metrics.json; never raises (a full disk must not end the sweep): a failure is logged."""
+    if process_rank() != 0:
+        return
+    path = TrialDir(trial_dir).metrics
+    try:
+        atomic_write_json(path, metrics)
+    except Exception as e:  # noqa: BLE001 - the next trial of the sweep must still run
+        log.error("%s not written (%s): this trial's status (%s) is not recorded; a resumed sweep trains it "
+                  "again", path, describe_write_error(e, path), metrics.get("status"))
+
+
+def _clean_leftovers(trial_dir: Path) -> None:
+    """Remove what a killed write left in this trial's own folders (temporary files and folders, such as a
+    half-written checkpoint with its optimizer state), and recover a folder a kill left renamed away.
+    Only its own: the trials of a parallel launcher run side by side, and the sweep's shared base/ is
+    written by all of them (the sweep callback cleans it before and after they run)."""
+    trial = TrialDir(trial_dir)
+    folders = [trial.path, trial.checkpoints, trial.samples, trial.debug_trace(0).parent]
+    if trial.sweep is None:  # a single run's base model images are its own
+        folders.append(trial.base_root)
+    for folder in folders:
+        try:
+            for line in remove_leftovers(folder):
+                log.info("left by an interrupted write: %s", line)
+        except OSError as e:  # a folder we may not clean costs disk space, not the trial
+            log.warning("could not clean the temporary files in %s (%s)", folder, e)
 
 
 def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: str | None, trial_number: int) -> dict:
@@ -143,7 +169,9 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         if memory is not None:
             metrics["memory_at_failure"] = memory.read()
     except BaseException as e:  # noqa: BLE001 - SystemExit too: a sys.exit in a trial must not end the sweep
-        metrics.update(status="failed", reason=f"{type(e).__name__}: {e}")
+        if isinstance(e, NonFiniteLoss):  # the curve up to the failing step (its loss null) and its figures
+            metrics.update(e.figures, steps_trained=len(e.figures.get("losses", [])))
+        metrics.update(status="failed", reason=_failure_reason(e, trial_dir))
         metrics["traceback"] = traceback.format_exc(limit=8)
         log.error("trial failed: %s", metrics["reason"])
     finally:
@@ -153,10 +181,28 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         # the other processes of a multi-process trial leave without waiting for rank 0's adapter,
         # evaluation and metrics.json (no collective follows; the launcher waits for every process)
         _write_metrics(trial_dir, metrics)
+        try:
+            _close_tracker(tracker, metrics)
+        finally:
+            _release(cfg, s, clean)
+    return metrics
+
+
+def _failure_reason(e: BaseException, trial_dir: Path) -> str:
+    """The trial's reason: "disk full at <path>: N MiB free" when a write ran out of space (whatever
+    the library raised: torch's "unexpected pos", safetensors' error, an OSError), else the exception."""
+    if isinstance(e, Exception) and (failure := write_failure(e, trial_dir)) is not None:
+        return str(failure)
+    return f"{type(e).__name__}: {e}"
+
+
+def _close_tracker(tracker: Tracker, metrics: dict) -> None:
+    """The trial's summary to the tracker, and its end; an error here (a full disk too) is only a warning."""
+    try:
         tracker.summary({k: v for k, v in metrics.items() if k not in ("losses", "traceback")})
         tracker.finish(failed=metrics["status"] not in ("finished", "pruned", "stopped"))
-        _release(cfg, s, clean)
-    return metrics
+    except Exception as e:  # noqa: BLE001 - the trial's outcome is decided: the tracker only mirrors it
+        log.warning("the tracker could not be closed (%s: %s)", type(e).__name__, e)
 
 
 def _setup_figures(s: Setup) -> dict:
