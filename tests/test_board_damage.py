@@ -194,3 +194,37 @@ def test_a_damaged_sample_image_is_a_cell_saying_so(sweep):
     assert f"unreadable image<br><small>{sample.name}: UnidentifiedImageError</small>" in page
     assert page.count("<img ") == 2 * 3 - 1  # base, lora, dora: two images each, less the damaged one
     Image.open(next((sweep / "adapter=dora" / "samples").glob("*.png"))).verify()
+
+
+def test_a_stopped_record_without_step_counts_is_summarised(tmp_path):
+    (tmp_path / "multirun.yaml").write_text("{}\n")
+    _trial(tmp_path, ["adapter=lora"], status="stopped", reason="behind the median")  # no steps, no steps_saved
+    outcome = summarize(SweepDir(tmp_path))
+    assert outcome["stopped"] == 1 and "0 of 0 training steps saved" in outcome["lines"][-1]
+
+
+def test_a_damaged_base_record_is_drawn_again_not_a_failure_of_every_trial(tmp_path, monkeypatch, caplog):
+    """eval/base.ensure_base: a truncated base.json (a kill, a full disk) means the base samples are drawn
+    again in its place, once, with a warning naming the folder."""
+    from sdsweep.eval import base as base_mod
+    from sdsweep.eval.sampling import Sample
+    from sdsweep.layout import BaseDir
+
+    folder = BaseDir(tmp_path / "base" / "k")
+    folder.samples.mkdir(parents=True)
+    folder.record.write_text('{"key": "k", "eval_images": [{"prompt"')
+    drawn = [Sample("a cat", 0, "00_a-cat_seed0.png", Image.new("RGB", (8, 8), (10, 20, 30)))]
+    monkeypatch.setattr(base_mod, "generate", lambda *a, **k: drawn)
+    monkeypatch.setattr(base_mod, "read_prompts", lambda e: ["a cat"])
+
+    class Scorer:
+        def score(self, samples, base):
+            return {"clip_score": 1.0}, [{"prompt": "a cat", "seed": 0, "file": "00_a-cat_seed0.png"}]
+
+    cfg = OmegaConf.create({"eval": {"seeds": [0]}})
+    with caplog.at_level(logging.WARNING):
+        samples = base_mod.ensure_base(cfg, None, folder, {}, Scorer(), None)
+    assert samples == drawn and f"{folder.path} cannot be read" in caplog.text
+    assert json.loads(folder.record.read_text())["eval_images"][0]["file"] == "00_a-cat_seed0.png"
+    again = base_mod.ensure_base(cfg, None, folder, {}, Scorer(), None)  # now read back, not drawn
+    assert [s.file for s in again] == ["00_a-cat_seed0.png"] and again[0].image.getpixel((0, 0)) == (10, 20, 30)

@@ -18,7 +18,7 @@ from PIL import Image
 from sdsweep.eval.sampling import Sample, generate, read_prompts
 from sdsweep.eval.scorer import Scorer
 from sdsweep.io import atomic_dir, atomic_write_json
-from sdsweep.layout import BaseDir
+from sdsweep.layout import BaseDir, UnreadableRecord
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,21 @@ def base_samples_key(cfg: DictConfig, source: str, device: torch.device, data: s
     return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12], info
 
 
+def _read_samples(base: BaseDir) -> list[Sample]:
+    record = base.read_record()
+    return [Sample(r["prompt"], r["seed"], r["file"], Image.open(base.samples / r["file"]).convert("RGB"))
+            for r in record["eval_images"]]
+
+
 def ensure_base(cfg: DictConfig, pipe, base: BaseDir, info: dict, scorer: Scorer,
                 autocast_dtype: torch.dtype | None) -> list[Sample]:
     """The base model's samples in `base`: read back if a trial of this sweep drew them, else drawn now
     (from `pipe`, which must hold no adapter) and written with their scores, atomically."""
     if base.exists():
-        record = json.loads(base.record.read_text())
-        return [Sample(r["prompt"], r["seed"], r["file"], Image.open(base.samples / r["file"]).convert("RGB"))
-                for r in record["eval_images"]]
+        try:
+            return _read_samples(base)
+        except (UnreadableRecord, OSError, KeyError, TypeError) as e:  # drawn again below, in its place
+            log.warning("the base model's samples in %s cannot be read (%s): drawing them again", base.path, e)
     started = time.perf_counter()
     samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype)
     scores, rows = scorer.score(samples, base=None)

@@ -65,9 +65,9 @@ def summarize(sweep: SweepDir) -> dict:
     lines += [f"  FAILED {d.name}: {m.get('reason')}" for d, m in failed]
     lines += [f"  PRUNED {d.name}: {m.get('reason')}" for d, m in pruned]
     if stopped:
-        planned = sum(m.get("steps") or 0 for _, m in trials if m.get("status") == "finished") + sum(
-            m["steps"] for m in stopped)
-        saved = sum(m["steps_saved"] for m in stopped)
+        planned = sum(_steps(m, "steps") for _, m in trials if m.get("status") == "finished") + sum(
+            _steps(m, "steps") for m in stopped)
+        saved = sum(_steps(m, "steps_saved") for m in stopped)
         lines.append(f"  early stopping (sweep.early_stop) stopped {len(stopped)} trial{'s' * (len(stopped) > 1)}: "
                      f"{saved} of {planned} training steps saved ({saved / max(planned, 1):.0%})")
     return {"finished": finished, "failed": len(failed), "pruned": len(pruned), "stopped": len(stopped),
@@ -90,3 +90,9 @@ def write_leaderboard(sweep_dir: Path, config: DictConfig) -> None:
             log.error("leaderboard not written (%s); %s", failure or f"{type(e).__name__}: {e}", rebuild)
         else:  # a bug: its traceback is what fixes it
             log.exception("leaderboard not written (%s: %s); %s", type(e).__name__, e, rebuild)
+
+
+def _steps(metrics: dict, key: str) -> int:
+    """A step count of a trial's record, 0 where a damaged or hand-edited record has none."""
+    value = metrics.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
