@@ -284,13 +284,9 @@ def ensure_tiny_model(cache_dir: str | os.PathLike, family: str, seed: int = 0) 
     folder = root / f"tiny-{family}-v{TINY_VERSION}-seed{seed}"
     if (folder / "model_index.json").exists():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=root))
-    build_tiny_pipeline(tmp, family, seed)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another trial built it at the same time: keep theirs
-        import shutil
+    from sdsweep.io import atomic_dir_if_absent
 
-        shutil.rmtree(tmp, ignore_errors=True)
+    # another trial building it at the same time keeps theirs; the folder follows the umask
+    with atomic_dir_if_absent(folder) as tmp:
+        build_tiny_pipeline(tmp, family, seed)
     return folder
