@@ -1,16 +1,27 @@
 """sdsweep's entries in Hydra and OmegaConf: the schema node `sdsweep_schema` every YAML is merged
 into, and the two resolvers conf/config.yaml names trial folders with. Call `register_configs()`
-before composing (the CLI does at import, so Hydra's launchers' worker processes have them too)."""
+before composing (the CLI does at import, so Hydra's launchers' worker processes have them too).
+`in_schema` and `schema_fields` answer what the schema node holds, for the code that judges an
+override before Hydra sees it (resume, preflight)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
+import typing
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from sdsweep.config.identity import folder_excluded_keys
 from sdsweep.config.schema import Config
+
+MAX_NAME_BYTES = 255
+"""The longest file or folder name (in bytes) that Linux's and macOS's file systems accept (NAME_MAX)."""
+NAME_DIGEST_CHARS = 16
+"""Hex digits of the hash that ends a trial folder name too long to be the overrides themselves."""
 
 
 def register_configs() -> None:
@@ -23,6 +34,42 @@ def register_configs() -> None:
 
 
 def trial_dirname(override_dirname: str) -> str:
-    """A stable, filesystem-safe folder name for a trial, derived from its overrides."""
-    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
-    return name or "default"
+    """A stable, filesystem-safe folder name for a trial, derived from its overrides.
+
+    A name longer than MAX_NAME_BYTES (a long data.path) keeps its beginning and ends in a hash of
+    the whole override_dirname: unique per cell, and the same on every run, so a resumed sweep finds
+    the folder again. Names that fit are the overrides themselves, as they always were."""
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname) or "default"
+    if len(name.encode()) <= MAX_NAME_BYTES:  # ASCII only after the substitution: one byte a character
+        return name
+    digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:NAME_DIGEST_CHARS]
+    return f"{name[:MAX_NAME_BYTES - NAME_DIGEST_CHARS - 1]}-{digest}"
+
+
+_NOT_IN_SCHEMA = object()
+
+
+def _schema_type(key: str) -> Any:
+    """The type schema.py gives the dotted `key`, or _NOT_IN_SCHEMA. Every entry of a dict node is a
+    key of it (eval.score_weights.kid)."""
+    node: Any = Config
+    for part in key.split(".") if key else []:
+        if typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        elif dataclasses.is_dataclass(node) and part in (hints := typing.get_type_hints(node)):
+            node = hints[part]
+        else:
+            return _NOT_IN_SCHEMA
+    return node
+
+
+def in_schema(key: str) -> bool:
+    """Whether `key` (train.max_steps, adapter, eval.score_weights.kid) is a key of schema.py's Config."""
+    return _schema_type(key) is not _NOT_IN_SCHEMA
+
+
+def schema_fields(node: str) -> list[str]:
+    """The keys of the schema's node `node` (adapter -> kind, rank, ...; "" -> the top-level keys); [] for
+    a leaf or no key."""
+    found = _schema_type(node)
+    return [f.name for f in dataclasses.fields(found)] if dataclasses.is_dataclass(found) else []

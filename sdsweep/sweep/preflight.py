@@ -11,11 +11,16 @@ they are pruned, with their reason in the trial's metrics.json and the sweep sum
 
 from __future__ import annotations
 
+import difflib
 import logging
+from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from sdsweep.config.schema import ConfigError
+from sdsweep.config.store import schema_fields, trial_dirname
 from sdsweep.config.validate import validate
 from sdsweep.config.validate import warnings as config_warnings
 from sdsweep.sweep.estimate import estimate_peak
@@ -39,6 +44,7 @@ def preflight(overrides: list[str]) -> list[str]:
     from hydra.core.global_hydra import GlobalHydra
 
     problems: list[str] = []
+    composed: list[DictConfig] = []
     predictions: list[tuple[list[str], DictConfig]] = []
     cells = expand_cells(overrides)
     for cell in cells:
@@ -46,14 +52,16 @@ def preflight(overrides: list[str]) -> list[str]:
         try:
             with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
                 cfg = compose(config_name="config", overrides=cell)
+            composed.append(cfg)
             validate(cfg)
             predictions.append((cell, cfg))
         except ConfigError as e:
             problems.extend(f"[{' '.join(cell)}] {p}" for p in e.problems)
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors have many types
-            problems.append(f"[{' '.join(cell)}] {str(e).splitlines()[0]}")
+            problems.append(f"[{' '.join(cell)}] {composition_reason(e)}")
         finally:
             GlobalHydra.instance().clear()
+    problems += missing_data_paths(composed)
     problems += shared_folders(cells)
     if not problems and predictions:
         print(prediction_table(predictions), flush=True)
@@ -62,27 +70,120 @@ def preflight(overrides: list[str]) -> list[str]:
     return problems
 
 
+# the lines OmegaConf lists under its message, which the cell's override already says
+_OMEGACONF_DETAILS = ("full_key:", "reference_type=", "object_type=")
+_HYDRA_SEARCH_PATH = "Config search path:"
+_APPEND_HINT = "To append to your config use"
+
+
+def composition_reason(error: Exception) -> str:
+    """Why a cell does not compose, on one line, as a single run says it: Hydra's message and the
+    OmegaConf error beneath it (hydra/_internal/utils.py run_and_report prints both), without
+    OmegaConf's key/type listing, Hydra's config search path or the unfilled template of a chained
+    error. A key the schema does not have gets the schema's keys beside it instead of Hydra's advice
+    to append it with +, which a typed node would take and then ignore."""
+    chain = _error_chain(error)
+    parts = list(dict.fromkeys(part for e in chain for part in _message_parts(e)))
+    if not isinstance(error, (HydraException, OmegaConfBaseException)):  # a bug: its type says most
+        parts[:1] = [f"{type(error).__name__}: {parts[0] if parts else ''}".rstrip(": ")]
+    missing = next((e for e in chain if isinstance(e, (ConfigAttributeError, ConfigKeyError))), None)
+    if missing is not None and (hint := _schema_hint(str(missing.full_key))):
+        return ": ".join(p for p in parts if not p.startswith(_APPEND_HINT)) + f"; {hint}"
+    return ": ".join(parts)
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from, down to the first OmegaConf error (what follows it
+    repeats it: its message template, the int() that failed)."""
+    chain = [error]
+    while not isinstance(chain[-1], OmegaConfBaseException):
+        last = chain[-1]
+        below = last.__cause__ or (None if last.__suppress_context__ else last.__context__)
+        if below is None or below in chain:
+            break
+        chain.append(below)
+    return chain
+
+
+def _message_parts(error: BaseException) -> list[str]:
+    """The informative lines of an error's message; an indented list joined to the line that heads it
+    ("Available options in 'adapter': dora, loha, lokr, lora")."""
+    sections: list[list[str]] = []
+    for line in str(error).splitlines():
+        text = line.strip()
+        if not text or "$VALUE" in text or text.startswith(_OMEGACONF_DETAILS):
+            continue
+        if line[:1].isspace() and sections:
+            sections[-1].append(text)
+        else:
+            sections.append([text])
+    return [f"{head} {', '.join(items)}".strip().rstrip(".") for head, *items in sections
+            if head != _HYDRA_SEARCH_PATH]
+
+
+def _schema_hint(full_key: str) -> str | None:
+    """For a key a typed node of the schema lacks (adapter.rnak): the key meant, or the node's keys."""
+    node, _, leaf = full_key.rpartition(".")
+    keys = schema_fields(node)
+    if not keys:  # not a typed node: a dict entry (eval.score_weights.x), which + may append
+        return None
+    prefix = f"{node}." if node else ""
+    if close := difflib.get_close_matches(leaf, keys, n=1):
+        return f"did you mean {prefix}{close[0]}?"
+    return f"the keys of {node or 'the config'}: {', '.join(keys)}"
+
+
+def missing_data_paths(configs: list[DictConfig]) -> list[str]:
+    """Each data.path of the sweep that is no folder, once for the whole sweep (every trial would fail on it
+    in turn). Read as the trials read it (data/dataset.py resolve_source): a local folder, ~ expanded, a
+    relative one from the folder the sweep is launched in (conf/config.yaml keeps hydra.job.chdir=false);
+    not when data.dataset is set, which the trial trains on instead."""
+    paths = dict.fromkeys(cfg.data.path for cfg in configs if cfg.data.path and not cfg.data.dataset)
+    problems = []
+    for path in paths:
+        folder = Path(path).expanduser()
+        if folder.is_dir():
+            continue
+        fault = "is a file, not a folder" if folder.exists() else "does not exist"
+        where = "" if folder.is_absolute() else f" (relative to the launch folder {Path.cwd()})"
+        problems.append(f"data.path={path} {fault}{where}: point data.path at a folder of images with captions "
+                        "(metadata.jsonl, metadata.csv or a .txt beside each image), or leave it out for the "
+                        "built-in set")
+    return problems
+
+
 def shared_folders(cells: list[list[str]]) -> list[str]:
     """Cells that would train in one trial folder: they differ only in keys that name no folder
     (config/identity.py), which change neither what is trained nor, for eval.*, anything a re-score
-    cannot change."""
+    cannot change; or their override_dirnames differ only in characters the folder name replaces.
+    The names compared are the final folder names (conf/config.yaml: hydra.sweep.subdir is trial_dirname
+    of Hydra's override_dirname)."""
     from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from sdsweep.config.identity import folder_excluded_keys
 
-    excluded, parser, seen, problems = folder_excluded_keys(), OverridesParser.create(), {}, []
+    excluded, parser = folder_excluded_keys(), OverridesParser.create()
+    seen: dict[str, tuple[list[str], str]] = {}
+    problems = []
     for cell in cells:
         # Hydra's own override_dirname, as conf/config.yaml's exclude_keys make it
-        name = get_overrides_dirname(parser.parse_overrides(cell), excluded, item_sep=",", kv_sep="=")
-        if name in seen:
-            problems.append(f"[{' '.join(cell)}] and [{' '.join(seen[name])}] differ only in keys that change "
-                            "nothing trained (tracking.*, cache.*, sweep.*, device, model.cache_dir, data.num_workers, "
-                            "eval.*), so they would share one trial folder: sweep one value of them; for other eval "
-                            "settings re-score the trials (python -m sdsweep.eval TRIAL_DIR eval.steps=30) or "
-                            "resume the sweep with them (sweep.resume=DIR eval.steps=30)")
-        seen.setdefault(name, cell)
+        dirname = get_overrides_dirname(parser.parse_overrides(cell), excluded, item_sep=",", kv_sep="=")
+        folder = trial_dirname(dirname)
+        if folder in seen:
+            other, other_dirname = seen[folder]
+            problems.append(f"[{' '.join(cell)}] and [{' '.join(other)}] " + (
+                _SAME_TRAINING if dirname == other_dirname else _SAME_NAME.format(folder=folder)))
+        seen.setdefault(folder, (cell, dirname))
     return problems
+
+
+_SAME_TRAINING = ("differ only in keys that change nothing trained (tracking.*, cache.*, sweep.*, device, "
+                  "model.cache_dir, data.num_workers, eval.*), so they would share one trial folder: sweep one "
+                  "value of them; for other eval settings re-score the trials (python -m sdsweep.eval TRIAL_DIR "
+                  "eval.steps=30) or resume the sweep with them (sweep.resume=DIR eval.steps=30)")
+_SAME_NAME = ("would share the trial folder {folder}: a folder name keeps only A-Z a-z 0-9 _ . , = + - of the "
+              "overrides (the others become _): make their values differ in those characters")
 
 
 def prediction_table(cells: list[tuple[list[str], DictConfig]]) -> str:
