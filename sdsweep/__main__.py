@@ -96,7 +96,7 @@ def _launch() -> None:
             sys.exit(2)
 
     trial()  # hydra.main parses sys.argv
-    sys.exit(1 if _any_failed(callbacks.SUMMARIES) else 0)
+    sys.exit(1 if _any_failed(callbacks.SUMMARIES, _is_multirun(sys.argv[1:])) else 0)
 
 
 def _interrupted(args: list[str]) -> str:
@@ -132,13 +132,13 @@ def _interrupted_sweep(args: list[str], trial_dir: Path | None) -> str:
     return f"interrupted (Ctrl-C) {where}; continue the sweep with: {command}"
 
 
-def _any_failed(summaries: list) -> bool:
-    """A sweep's outcome is its summary.json (written from the trial folders at its end); a single
-    run's, the status run_trial returned."""
+def _any_failed(summaries: list, sweep: bool) -> bool:
+    """A sweep's outcome is its summary.json (written from the trial folders at its end; a sweep whose
+    summary could not be written, a full disk, failed); a single run's, the status run_trial returned."""
     import json
 
-    if summaries:
-        return json.loads(summaries[-1].read_text())["failed"] > 0
+    if sweep:
+        return not summaries or json.loads(summaries[-1].read_text())["failed"] > 0
     return "failed" in _single_run_status
 
 

@@ -16,8 +16,6 @@ log = logging.getLogger("sdsweep")
 SUMMARIES: list[Path] = []
 """summary.json of each sweep this process ran (when it could be written), for __main__'s exit status:
 Hydra builds callbacks from the config and hands no result of the sweep back to the code that called hydra.main."""
-OUTCOMES: list[dict] = []
-"""The summary of each sweep this process ran, written to disk or not (a full disk)."""
 
 
 class SweepSummary(Callback):
@@ -31,7 +29,6 @@ class SweepSummary(Callback):
         sweep = SweepDir(config.hydra.sweep.dir)
         clean_sweep_folder(sweep)
         summary = summarize(sweep)
-        OUTCOMES.append(summary)
         try:
             atomic_write_json(sweep.summary, summary)
             SUMMARIES.append(sweep.summary)
