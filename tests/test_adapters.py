@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -40,6 +42,14 @@ def test_lora_and_dora_load_into_the_diffusers_pipeline_and_change_its_output(ma
     assert {n for n, m in denoiser.named_modules() if isinstance(m, LoraLayer)} == trained
     if kind == "dora":
         assert any("lora_magnitude_vector" in n for n, _ in denoiser.named_parameters())
+    # the file does not depend on the process's string hashing (peft keeps target_modules as a set)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "adapter" / adapters.LORA_WEIGHTS, "pt") as f:
+        saved = json.loads(f.metadata()["lora_adapter_metadata"])
+    denoiser_name = "transformer" if model == "tiny-sd3" else "unet"
+    targets = saved[f"{denoiser_name}.target_modules"]
+    assert targets == sorted(targets)
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr"])

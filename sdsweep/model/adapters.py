@@ -138,8 +138,15 @@ def _save_diffusers_lora(folder: Path, family: str, adapted: dict[str, torch.nn.
         # layers), and SD3's loader does not read the old names at all.
         layers = get_peft_model_state_dict(module)
         kwargs[f"{name}_lora_layers"] = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
-        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        kwargs[f"{name}_lora_adapter_metadata"] = _config_dict(module)
     pipeline_class(family).save_lora_weights(folder, weight_name=LORA_WEIGHTS, **kwargs)
+
+
+def _config_dict(module: torch.nn.Module) -> dict:
+    """peft's config of `module`'s adapter, its sets (target_modules) sorted: a set's order follows the
+    process's string hashing, so the saved file would differ between two runs of one trial."""
+    config = module.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
 def _save_peft(folder: Path, adapted: dict[str, torch.nn.Module]) -> None:
@@ -151,8 +158,7 @@ def _save_peft(folder: Path, adapted: dict[str, torch.nn.Module]) -> None:
         sub.mkdir(parents=True)
         state = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()}
         save_file(state, sub / "adapter_model.safetensors")
-        config = module.peft_config["default"].to_dict()
-        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        config = _config_dict(module)
         (sub / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
 
 
