@@ -19,8 +19,10 @@ GROUP_OPTIONS = {
     for group in ("adapter", "targets", "text_encoder", "precision", "optimizer", "model", "data", "eval")
 }
 DEFAULT_OPTION = {"adapter": "lora", "targets": "attn", "text_encoder": "frozen", "precision": "fp32",
-                  "optimizer": "adamw", "model": "tiny-sdxl", "data": "builtin", "eval": "default"}  # conf/config.yaml
+                  "optimizer": "adamw", "model": "toy-sdxl", "data": "builtin", "eval": "default"}  # conf/config.yaml
 OUTSIDE_ITS_GROUP = {("optimizer", "prodigy"): {"train"}}  # @package _global_: it sets train.lr=1.0
+# the default model=toy-sdxl sets its own train.lr (@package _global_): every other model keeps config.yaml's
+OUTSIDE_ITS_GROUP.update({("model", option): {"train"} for option in GROUP_OPTIONS["model"] if option != "toy-sdxl"})
 
 
 def test_every_group_lists_the_options_the_issue_asks_for():
@@ -29,7 +31,7 @@ def test_every_group_lists_the_options_the_issue_asks_for():
     assert GROUP_OPTIONS["text_encoder"] == ["frozen", "lora"]
     assert GROUP_OPTIONS["precision"] == ["bf16", "fp16", "fp32", "int8", "nf4"]
     assert GROUP_OPTIONS["optimizer"] == ["adamw", "adamw8bit", "prodigy"]
-    assert {"tiny-sdxl", "sdxl", "sd15"} <= set(GROUP_OPTIONS["model"])
+    assert {"toy-sdxl", "tiny-sdxl", "sdxl", "sd15"} <= set(GROUP_OPTIONS["model"])
 
 
 def _chosen(composed: dict, group: str) -> str:

@@ -16,12 +16,12 @@ from sdsweep.data.dataset import (
     BucketBatchSampler,
     CaptionedImages,
     collate,
-    ensure_builtin_dataset,
     make_buckets,
     make_loader,
     nearest_bucket,
 )
 from sdsweep.data.folder import DataError, decode_image, scan_folder
+from sdsweep.data.toy_world import ensure_toy_dataset
 from sdsweep.model.conditioning import sdxl_time_ids
 from sdsweep.sweep.trial import run_trial
 
@@ -33,10 +33,10 @@ def make_cfg(make_cfg):
 
 
 def test_builtin_set_is_deterministic_and_captioned(tmp_path):
-    a = scan_folder(ensure_builtin_dataset(str(tmp_path / "a")))
-    b = scan_folder(ensure_builtin_dataset(str(tmp_path / "b")))
-    assert len(a.records) == 12 and [r.caption for r in a.records] == [r.caption for r in b.records]
-    assert all("sdsweep style" in r.caption for r in a.records)
+    a = scan_folder(ensure_toy_dataset(str(tmp_path / "a")))
+    b = scan_folder(ensure_toy_dataset(str(tmp_path / "b")))
+    assert len(a.records) == 24 and [r.caption for r in a.records] == [r.caption for r in b.records]
+    assert all(r.caption.endswith(", sdsweep style") for r in a.records)
     assert a.records[0].path.read_bytes() == b.records[0].path.read_bytes()
 
 

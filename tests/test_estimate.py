@@ -298,7 +298,8 @@ def _configs_through_every_branch(make_cfg, tmp_path) -> list:
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")  # only its name is looked at: the configs come from single_file_config
     return [
-        make_cfg(),
+        make_cfg(),  # the toy model: its configs from toy.py
+        make_cfg("model=tiny-sdxl"),  # a random tiny model: from its folder (model.cache_dir)
         make_cfg("model=tiny-sd3", "model.build_tiny=false", f"model.pretrained={sd3_folder}", "model.drop_t5=true"),
         make_cfg("model.build_tiny=false", f"model.pretrained={checkpoint}", f"model.single_file_config={sdxl_folder}",
                  "text_encoder=lora", "precision=int8", "data.buckets=true", "data.bucket_step=16"),

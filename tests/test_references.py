@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdsweep.data.builtin import _draw_builtin
 from sdsweep.data.dataset import load_dataset, resolve_source
 from sdsweep.data.folder import decode_image
+from sdsweep.data.toy_world import finetune_items, render
 from sdsweep.eval.base import base_samples_key
 from sdsweep.eval.scorer import evenly_spaced, reference_images
 from sdsweep.sweep.trial import run_trial
@@ -99,8 +99,9 @@ def test_references_of_a_hugging_face_dataset_are_its_exported_images(saved_data
 
 def test_references_of_the_builtin_set_are_its_drawings(make_cfg):
     cfg = make_cfg("eval.max_reference_images=5")
-    picks = [0, 3, 6, 8, 11]  # evenly spaced over the 12 built-in images
-    _assert_references(cfg, picks, [_draw_builtin(i)[0] for i in picks])
+    picks = [0, 6, 12, 17, 23]  # evenly spaced over the toy world's 24 styled pictures
+    items = finetune_items()
+    _assert_references(cfg, picks, [render(*items[i]) for i in picks])
 
 
 def _base_key(cfg) -> str:

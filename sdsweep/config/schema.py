@@ -24,6 +24,7 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 FAMILIES = ("sdxl", "sd15", "sd3")
+TINY_WEIGHTS = ("random", "toy")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CROPS = ("center", "random")
@@ -101,7 +102,11 @@ class ModelConfig:
     """Hub id, local diffusers folder, or a single-file .safetensors/.ckpt checkpoint (loaded with
     diffusers' from_single_file). null with build_tiny: the tiny model built in code."""
     build_tiny: bool = False
-    """Build a tiny random-weight model of `family` in code (saved, then loaded like any other)."""
+    """Build a tiny model of `family` in code (saved, then loaded like any other)."""
+    tiny_weights: str = "random"
+    """With build_tiny, random | toy. random: weights from a fixed seed, for tests that need only the
+    shapes (it draws noise); toy: the tiny SDXL trained on the toy world (sdsweep/data/toy_world.py),
+    which draws what a prompt asks for: the embedded default, model=toy-sdxl."""
     revision: str | None = None
     variant: str | None = None
     vae: str | None = None
@@ -158,6 +163,7 @@ CLIP_METRICS = ("clip_score", "style", "kid", "content")
 SCORE_KEYS = ("clip_score", "content_cos", "style_centroid_cos", "style_nn_cos", "kid", "gram_distance",
               "color_distance")
 TINY_CLIP = "tiny"
+TOY_CLIP = "toy"
 
 
 @dataclass
@@ -187,9 +193,11 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: list(EVAL_METRICS))
     """Any of clip_score, style, kid, random_style, content. random_style alone needs no CLIP weights."""
     clip_model: str = TINY_CLIP
-    """An open_clip architecture (ViT-L-14, ViT-B-32, hf-hub:...) or `tiny`: a random-weight stand-in built in code."""
+    """An open_clip architecture (ViT-L-14, ViT-B-32, hf-hub:...); `toy`: the toy CLIP trained on the toy world
+    (sdsweep/eval/toy_clip.py, ships with the package), what judges model=toy-sdxl; or `tiny`: a random-weight
+    stand-in built in code (its numbers mean nothing)."""
     clip_pretrained: str | None = None
-    """open_clip pretrained tag (openai, laion2b_s32b_b82k, ...) or a local weights file; null with clip_model=tiny."""
+    """open_clip pretrained tag (openai, laion2b_s32b_b82k, ...) or a local weights file; null with clip_model=toy or tiny."""
     max_reference_images: int = 32
     """Training images used as the style reference (evenly spaced over the set); caps feature-extraction time."""
     kid_subsets: int = 50

@@ -26,6 +26,8 @@ from sdsweep.config.schema import (
     SCHEDULERS,
     SCORE_KEYS,
     TINY_CLIP,
+    TINY_WEIGHTS,
+    TOY_CLIP,
     TRACKING_MODES,
     WEIGHTING_SCHEMES,
     AdapterConfig,
@@ -120,6 +122,10 @@ def _model(p: list[str], cfg: Any) -> None:
         p.append(f"model.drop_t5=true applies to model.family=sd3 only (this is {m.family})")
     if m.t5_max_length < 1:
         p.append(f"model.t5_max_length={m.t5_max_length}: must be >= 1 (77 or 256)")
+    _check_choice(p, "model.tiny_weights", m.tiny_weights, TINY_WEIGHTS)
+    if m.build_tiny and m.tiny_weights == "toy" and m.family != "sdxl":
+        p.append(f"model.tiny_weights=toy: only the tiny SDXL is trained on the toy world (model.family={m.family}); "
+                 "use model=toy-sdxl, or model.tiny_weights=random for a random tiny model of this family")
     if not m.build_tiny and not m.pretrained:
         p.append(f"model={m.name} names no weights: set model.pretrained=HUB_ID_OR_FOLDER")
 
@@ -232,9 +238,9 @@ def _eval(p: list[str], cfg: Any) -> None:
 
 def _clip(p: list[str], model: str, pretrained: str | None) -> None:
     """Names only (no download here): a typo fails before training, not after it."""
-    if model == TINY_CLIP:
+    if model in (TINY_CLIP, TOY_CLIP):
         if pretrained:
-            p.append(f"eval.clip_model=tiny has no pretrained weights: set eval.clip_pretrained=null, or pick "
+            p.append(f"eval.clip_model={model} has its own weights: set eval.clip_pretrained=null, or pick "
                      f"a real model for eval.clip_pretrained={pretrained} (e.g. eval.clip_model=ViT-L-14)")
         return
     if model.startswith(("hf-hub:", "local-dir:")):

@@ -34,7 +34,6 @@ Layout: `cache.dir/{latents,text}/<namespace>/<key[:2]>/<key>.safetensors`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -49,7 +48,7 @@ from filelock import FileLock
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from sdsweep.data.builtin import _draw_builtin
+from sdsweep.data import toy_world
 from sdsweep.data.dataset import CaptionedImages, cover_size
 from sdsweep.data.folder import Record
 from sdsweep.io import atomic_write_bytes
@@ -309,10 +308,8 @@ def _builtin_geometry(data_cfg) -> CaptionedImages | None:
     return CaptionedImages([Record(Path("builtin"), "", *_builtin_size())], data_cfg)
 
 
-@functools.cache
 def _builtin_size() -> tuple[int, int]:
-    # every built-in image is drawn at _draw_builtin's one size (milliseconds to draw one)
-    return _draw_builtin(0)[0].size
+    return toy_world.SIZE, toy_world.SIZE  # every picture of the toy world's styled set is drawn at one size
 
 
 # --- filling the cache for a trial ------------------------------------------------------------------

@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from sdsweep.config.schema import DataConfig
-from sdsweep.data.builtin import BUILTIN_VERSION, ensure_builtin_dataset
 from sdsweep.data.folder import (
     EXPORT_CAPTION_COLUMN,
     DataError,
@@ -30,6 +29,7 @@ from sdsweep.data.folder import (
     decode_image,
     scan_folder,
 )
+from sdsweep.data.toy_world import TOY_WORLD_VERSION, ensure_toy_dataset
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def resolve_source(cfg: DataConfig, cache_dir: str) -> DataSource:
     if cfg.path:
         folder = Path(cfg.path).expanduser()
         return _source(folder, cfg.caption_column, cfg.min_size, f"folder:{folder.resolve()}")
-    return _source(ensure_builtin_dataset(cache_dir), "text", cfg.min_size, f"builtin-v{BUILTIN_VERSION}")
+    return _source(ensure_toy_dataset(cache_dir), "text", cfg.min_size, f"builtin-toy-world-v{TOY_WORLD_VERSION}")
 
 
 def _source(folder: Path, caption_column: str, min_size: int, origin: str) -> DataSource:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,19 @@ class Clip:
 _CLIP_CACHE: dict[tuple[str, str | None], Clip] = {}
 
 
+@contextmanager
+def _quiet_root_logger():
+    """open_clip logs to the root logger: silence it while one of our own models is built."""
+    root = logging.getLogger()
+    was, root.disabled = root.disabled, True
+    try:
+        yield
+    finally:
+        root.disabled = was
+
+
 def load_clip(model_name: str, pretrained: str | None, cache_dir: str | os.PathLike) -> Clip:
-    """The open_clip model `model_name` with `pretrained` weights, or the tiny random stand-in.
+    """The open_clip model `model_name` with `pretrained` weights, the toy CLIP (`toy`), or the tiny random stand-in (`tiny`).
 
     Cached per process on the CPU (Hydra runs a whole sweep in one process: ViT-L-14 loads
     once); callers move it to their device and back, so it never counts in a later trial's VRAM.
@@ -79,7 +91,13 @@ def load_clip(model_name: str, pretrained: str | None, cache_dir: str | os.PathL
         return _CLIP_CACHE[key]
     import open_clip
 
-    if model_name == "tiny":
+    if model_name == "toy":
+        from sdsweep.eval.toy_clip import load_toy_clip
+
+        with _quiet_root_logger():  # open_clip's INFO lines about the shipped file, once per process
+            model, preprocess, tokenizer = load_toy_clip(cache_dir)
+        name = "toy (trained on the toy world)"
+    elif model_name == "tiny":
         config_file = Path(cache_dir).expanduser() / "open_clip" / f"{TINY_CLIP_NAME}.json"
         if not config_file.exists():
             from sdsweep.io import atomic_write_json
@@ -87,15 +105,11 @@ def load_clip(model_name: str, pretrained: str | None, cache_dir: str | os.PathL
             atomic_write_json(config_file, TINY_CLIP_CONFIG)
         if TINY_CLIP_NAME not in open_clip.list_models():
             open_clip.add_model_config(config_file)
-        root = logging.getLogger()  # open_clip logs there, and warns "initialized randomly": that is the point
-        was, root.disabled = root.disabled, True
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=None)
+        # open_clip warns "initialized randomly": that is the point
+        with _quiet_root_logger(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=None)
             tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
-        finally:
-            root.disabled = was
         name = "tiny (random weights)"
     else:
         try:

@@ -17,6 +17,7 @@ import torch
 from sdsweep.config.schema import ModelConfig, PrecisionConfig
 from sdsweep.model.precision import DTYPES
 from sdsweep.model.tiny import ensure_tiny_model
+from sdsweep.model.toy import ensure_toy_model
 
 
 class ModelLoadError(RuntimeError):
@@ -80,6 +81,8 @@ def resolve_device(name: str, trial_number: int = 0) -> torch.device:
 def resolve_source(cfg: ModelConfig) -> str:
     """The folder or hub id to load from; builds the tiny model first when asked to."""
     if cfg.build_tiny and not cfg.pretrained:
+        if cfg.tiny_weights == "toy":
+            return str(ensure_toy_model(cfg.cache_dir, cfg.family))
         return str(ensure_tiny_model(cfg.cache_dir, cfg.family, seed=0))
     assert cfg.pretrained, "validate() guarantees model.pretrained when build_tiny is false"
     path = Path(os.path.expanduser(cfg.pretrained))

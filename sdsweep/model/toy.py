@@ -182,17 +182,12 @@ def build_toy_pipeline(folder: Path, family: str = "sdxl", weights_dir: Path = W
 def ensure_toy_model(cache_dir: str | os.PathLike, family: str = "sdxl", weights_dir: Path = WEIGHTS_DIR) -> Path:
     """The folder of the toy `family` model under `cache_dir`, built once (atomically) from the shipped
     weights; its name carries the manifest's hash, so new weights build a new folder."""
-    root = Path(cache_dir).expanduser()
-    folder = root / f"toy-{family}-{weights_digest(weights_dir)}"
+    from sdsweep.io import atomic_dir_if_absent
+
+    folder = Path(cache_dir).expanduser() / f"toy-{family}-{weights_digest(weights_dir)}"
     if (folder / "model_index.json").exists():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=root))
-    build_toy_pipeline(tmp, family, Path(weights_dir))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another trial built it at the same time: keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    # another trial building it at the same time keeps theirs; the folder follows the umask
+    with atomic_dir_if_absent(folder) as tmp:
+        build_toy_pipeline(tmp, family, Path(weights_dir))
     return folder

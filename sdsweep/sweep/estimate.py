@@ -193,6 +193,8 @@ def _tiny_configs(model) -> dict[str, tuple[str, dict]]:
 
     from sdsweep.model import tiny
 
+    if model.tiny_weights == "toy":
+        return _configs_of(_toy_modules())
     folder = Path(model.cache_dir).expanduser() / f"tiny-{model.family}-v{tiny.TINY_VERSION}-seed0"
     if (folder / "model_index.json").exists():
         return _read_configs(str(folder), model)
@@ -212,6 +214,20 @@ def _tiny_configs(model) -> dict[str, tuple[str, dict]]:
         built = {"unet": tiny._unet(0, family), "vae": tiny._vae(0), "text_encoder": tiny._text_encoder(0, False)}
         if family == "sdxl":
             built["text_encoder_2"] = tiny._text_encoder(0, True)
+    return _configs_of(built)
+
+
+def _toy_modules() -> dict[str, torch.nn.Module]:
+    """The toy SDXL's modules as toy.py builds them (untrained: only their configs are read)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdsweep.model import toy
+
+    return {"unet": toy.new_unet(), "vae": toy.new_vae(), "text_encoder": CLIPTextModel(toy.text_encoder_config()),
+            "text_encoder_2": CLIPTextModelWithProjection(toy.text_encoder_config())}
+
+
+def _configs_of(built: dict[str, torch.nn.Module]) -> dict[str, tuple[str, dict]]:
     return {name: (type(m).__name__, {k: v for k, v in (m.config.to_dict() if hasattr(m.config, "to_dict")
                                                           else dict(m.config)).items() if not k.startswith("_")})
             for name, m in built.items()}
@@ -530,7 +546,7 @@ _CACHE: dict[str, Estimate] = {}
 
 ESTIMATE_INPUTS = (
     # the components' configs and where they are read from (component_configs)
-    "model.family", "model.pretrained", "model.build_tiny", "model.cache_dir", "model.revision",
+    "model.family", "model.pretrained", "model.build_tiny", "model.tiny_weights", "model.cache_dir", "model.revision",
     "model.single_file_config", "model.vae", "model.drop_t5", "model.t5_max_length",
     # dtypes, adapters, optimizer state
     "precision.name", "precision.mixed_precision", "precision.base_dtype", "precision.vae_dtype",
