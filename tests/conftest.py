@@ -43,6 +43,8 @@ def make_cfg(cache_dir):
     `evaluate=True`: only the tests of evaluation itself need it."""
 
     def _make(*overrides: str, steps: int = 3, evaluate: bool = False):
+        # small evaluation settings whatever conf/eval/default.yaml asks (12 prompts x 2 seeds x 8 steps):
+        # validation images and the tests that evaluate sample 2 prompts x 1 seed in 4 steps
         GlobalHydra.instance().clear()
         with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
             return compose(
@@ -52,6 +54,7 @@ def make_cfg(cache_dir):
                     f"train.max_steps={steps}",
                     "tracking.mode=disabled",
                     "device=cpu",
+                    *TEST_EVAL,
                     *([] if evaluate else ["eval.enabled=false"]),
                     *overrides,
                 ],
@@ -61,9 +64,11 @@ def make_cfg(cache_dir):
     return _make
 
 
+TEST_EVAL = ["eval.prompts=['a portrait of a person, sdsweep style','a house by a lake, sdsweep style']",
+             "eval.seeds=[0]", "eval.steps=4"]
 # evaluation as cheap as it can be and still sample, save and score every trial: one prompt in one
 # step without guidance, scored by the weight-free metrics against 2 reference images
-CHEAP_EVAL = ["eval.prompts=[house]", "eval.steps=1", "eval.guidance_scale=1", "eval.metrics=[random_style]",
+CHEAP_EVAL = ["eval.prompts=[house]", "eval.seeds=[0]", "eval.steps=1", "eval.guidance_scale=1", "eval.metrics=[random_style]",
               "eval.max_reference_images=2"]
 # the README's 2x2, with checkpoints, as the CLI, resume and launcher tests need it
 README_SWEEP = ["-m", "adapter=lora,dora", "targets=attn,many", "train.max_steps=4", "train.checkpoint_every=2",

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TEST_EVAL
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -174,7 +175,7 @@ def _compose(cache_dir, *overrides):
     with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
         return compose(config_name="config", overrides=[
             f"model.cache_dir={cache_dir}", "train.max_steps=2", "train.lr=1e-2", "tracking.mode=disabled",
-            "device=cpu", "eval.seeds=[0,1]", *overrides])
+            "device=cpu", *TEST_EVAL, "eval.seeds=[0,1]", *overrides])
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -87,7 +87,7 @@ def test_a_saved_override_is_judged_as_hydra_parses_it():
     assert refusal("adapter=glob(lo*)") is None  # a glob only selects among the shipped options
     assert refusal("model=tiny-sd15,'tiny-sd3'") is None
     assert refusal("model=tiny-sd15,evil") == ("model=evil is no option of the config group model that ships with "
-                                               "sdsweep (sd15, sd3, sdxl, tiny-sd15, tiny-sd3, tiny-sdxl)")
+                                               "sdsweep (sd15, sd3, sdxl, tiny-sd15, tiny-sd3, tiny-sdxl, toy-sdxl)")
     assert refusal("data.path='${oc.env:HOME}'").startswith("its value is an interpolation")  # quoted as well
     assert refusal("train=") == refusal("train.lr=range(1,3)") is None
     assert refusal("data.path=a)b(") == "not an override Hydra can parse"
