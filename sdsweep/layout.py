@@ -189,6 +189,10 @@ class SweepDir:
         return self.path / "leaderboard_trials.csv"
 
     @property
+    def effects(self) -> Path:
+        return self.path / "effects.csv"
+
+    @property
     def report(self) -> Path:
         return self.path / "report.html"
 

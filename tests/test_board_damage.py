@@ -18,7 +18,7 @@ from sdsweep.board.leaderboard import build, write_all
 from sdsweep.layout import SweepDir
 from sdsweep.sweep.callbacks import summarize
 
-OUTPUTS = ("leaderboard.csv", "leaderboard_trials.csv", "report.html")
+OUTPUTS = ("leaderboard.csv", "leaderboard_trials.csv", "effects.csv", "report.html")
 
 
 @pytest.fixture

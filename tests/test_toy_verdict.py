@@ -201,3 +201,29 @@ def test_the_report_grid_shows_the_change(sweep, results):
 
     assert all(difference(name) > 20 for name in _grid_trials(results)), [difference(n) for n in _grid_trials(results)]
     assert difference(CONTROL) < 1
+
+
+def test_intervals_separate_the_learners_from_the_base_model_and_not_the_control(sweep):
+    """The known answers through the intervals (board/effects.py): every learner's style is above the base
+    model's with an interval clear of zero; the lr=1e-12 control ties on every metric."""
+    board = {row["config"]: row for row in csv.DictReader(open(sweep.leaderboard, newline=""))}
+    for name in ("adapter=lora,targets=attn", "adapter=lora,targets=many", "adapter=dora,targets=attn",
+                 "adapter=dora,targets=many"):
+        assert float(board[name]["eval/style_centroid_cos_vs_base_low"]) > 0.2, board[name]
+        assert "style_centroid_cos+" in board[name]["versus_base"] and "clip_score+" in board[name]["versus_base"]
+    assert board[CONTROL]["versus_base"] == "tie"
+    assert "clip_score-" in board[DESTRUCTIVE]["versus_base"]
+
+
+def test_the_axis_effects_have_the_signs_the_toy_world_fixes(sweep):
+    """lr 0.1 against 1e-12 destroys prompt alignment and content; targets=many keeps the colours attention alone
+    loses (content and CLIP score up, intervals clear of zero); LoRA against DoRA is not separated on style."""
+    effects = {(row["axis"], row["measure"]): row for row in csv.DictReader(open(sweep.effects, newline=""))}
+    lr = effects[("train.lr", "eval/clip_score")]
+    assert (lr["option"], lr["reference"]) == ("0.1", "1e-12") and float(lr["ci_high"]) < 0
+    assert float(effects[("train.lr", "eval/content_cos")]["ci_high"]) < 0
+    for measure in ("eval/content_cos", "eval/clip_score"):
+        many = effects[("targets", measure)]
+        assert (many["option"], many["reference"]) == ("many", "attn") and float(many["ci_low"]) > 0, many
+    assert effects[("adapter", "eval/style_centroid_cos")]["separated"] == "False"
+    assert int(effects[("targets", "eval/clip_score")]["pairs"]) == 2

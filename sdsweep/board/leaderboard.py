@@ -13,6 +13,11 @@ same code at the end of every multirun. Rows:
   among them each trial whose metrics.json is damaged (not JSON, not an object, a field of the wrong
   type), named by its folder with what is wrong. A damaged base.json is skipped and said so.
 
+Intervals (board/effects.py): for every per-image metric, a configuration's mean and its difference from
+the base model come with 95 % paired-bootstrap intervals over the (prompt, seed) cells (and training
+seeds); `versus_base` names the metrics whose difference is separated. effects.csv holds every axis's
+main effects.
+
 Composite score: each metric is scaled over the finished trials and the base model, 1 for the
 best value seen (the highest, or for distances the lowest) and 0 for the worst, by a spread of at
 least 5% of the metric's magnitude (smaller differences are noise, not a ranking); then the
@@ -34,6 +39,19 @@ from typing import Any
 
 import pandas as pd
 
+from sdsweep.board.effects import (
+    EFFECT_COLUMNS,
+    PER_IMAGE,
+    Configuration,
+    Interval,
+    axis_effects,
+    effects_rows,
+    findings,
+    parse_overrides,
+    versus_base,
+)
+from sdsweep.board.effects import RESOLUTION as METRIC_RESOLUTION
+from sdsweep.board.effects import RESOURCES as EFFECT_RESOURCES
 from sdsweep.config.schema import GROUPS, SCORE_KEYS, EvalConfig
 from sdsweep.io import atomic_write_bytes
 from sdsweep.layout import METRICS as METRICS_FILE
@@ -386,6 +404,8 @@ class Leaderboard:
     """per_trial's "trial" -> its record, for the report's images and loss curves (not read a second time)"""
     problems: list[str] = field(default_factory=list)
     """files skipped while reading the folder, each named with what is wrong with it"""
+    effects: list = field(default_factory=list)
+    """board/effects.py's Effect of every option of every axis (effects.csv)"""
 
 
 def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -418,6 +438,8 @@ def collect(sweep_dir: Path, weights: dict[str, float] | None = None) -> Leaderb
     ordered = COLUMNS + [c for k in NUMERIC[1:] for c in ((k, f"{k}_std") if k in WITH_STD else (k,))] + [
         "peak_vram_reserved_mb", "overrides", "note", "reason", "trials", "config_key", "eval_base_key"]
     board = board[ordered]
+    configurations = finished_configurations(rows, sources)
+    board = add_intervals(board, configurations, sources)
 
     per_trial = pd.DataFrame(rows).drop(columns=["scored"])
     per_trial.insert(1, "config", per_trial["config_key"].map(labels))
@@ -430,7 +452,74 @@ def collect(sweep_dir: Path, weights: dict[str, float] | None = None) -> Leaderb
                *RESOURCES, "peak_vram_reserved_mb", *GROUPS, "overrides", "reason", "config_key", "eval_base_key"]
     for problem in problems:
         log.warning("leaderboard: %s", problem)
-    return Leaderboard(board, per_trial[columns].reset_index(drop=True), sources, problems)
+    effects = axis_effects(list(configurations.values()))
+    return Leaderboard(board, per_trial[columns].reset_index(drop=True), sources, problems, effects)
+
+
+# --- intervals ------------------------------------------------------------------------------------
+
+
+def finished_configurations(rows: list[dict], sources: dict[str, RowSource]) -> dict[str, Configuration]:
+    """config_key -> the finished, scored trials of that configuration (its seeds) as board/effects.py reads them."""
+    grouped: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "finished" and r["scored"] and r["trial"] in sources:
+            grouped.setdefault(r["config_key"], []).append(r)
+    out = {}
+    for key, group in grouped.items():
+        resources = {}
+        for name in EFFECT_RESOURCES:
+            values = [_memory(r) if name == "peak_memory_mb" else r.get(name) for r in group]
+            values = [v for v in values if _finite(v)]
+            if values:
+                resources[name] = sum(values) / len(values)
+        out[key] = Configuration(parse_overrides(key), [sources[r["trial"]].record for r in group], resources)
+    return out
+
+
+def _memory(row: dict) -> Any:
+    """Peak VRAM where the trial ran on a GPU, else the process's peak memory."""
+    return row.get("peak_vram_mb") if _finite(row.get("peak_vram_mb")) else row.get("peak_memory_mb")
+
+
+def interval_columns() -> list[str]:
+    return [f"eval/{m}{suffix}" for m in PER_IMAGE
+            for suffix in ("_ci_low", "_ci_high", "_vs_base", "_vs_base_low", "_vs_base_high")]
+
+
+def _versus_base_words(differences: dict[str, Interval]) -> str:
+    """"style_centroid_cos+ clip_score+ content_cos-": the metrics separated from the base model, with the
+    sign of the difference (+ higher than the base model); "tie" when none is."""
+    said = [f"{m}{'+' if d.mean > 0 else '-'}" for m, d in differences.items() if d.separated(METRIC_RESOLUTION[m])]
+    return " ".join(said) if said else ("tie" if differences else "")
+
+
+def add_intervals(board: pd.DataFrame, configurations: dict[str, Configuration],
+                  sources: dict[str, RowSource]) -> pd.DataFrame:
+    """Per configuration and per-image metric: the interval of its mean, and its difference from the base
+    model it was compared with (same eval.prompts x eval.seeds cells) with that interval."""
+    bases = {src.record.get("key"): src.record for name, src in sources.items() if name.startswith("base/")}
+    values: dict[str, list] = {c: [] for c in interval_columns()}
+    words = []
+    for _, row in board.iterrows():
+        config = configurations.get(row["config_key"])
+        base = bases.get(row["eval_base_key"])
+        differences = {}
+        for metric in PER_IMAGE:
+            found = versus_base(config.records, base, f"{metric}") if config and base else None
+            own, diff = found if found else (None, None)
+            if diff is not None:
+                differences[metric] = diff
+            for suffix, value in (("_ci_low", own and own.low), ("_ci_high", own and own.high),
+                                  ("_vs_base", diff and diff.mean), ("_vs_base_low", diff and diff.low),
+                                  ("_vs_base_high", diff and diff.high)):
+                values[f"eval/{metric}{suffix}"].append(value)
+        words.append(_versus_base_words(differences))
+    board = board.copy()
+    board["versus_base"] = words
+    for column, column_values in values.items():
+        board[column] = pd.Series(column_values, index=board.index, dtype="Float64")
+    return board
 
 
 # --- outputs -----------------------------------------------------------------------------------------
@@ -483,19 +572,23 @@ def log_wandb_table(board: pd.DataFrame, sweep_dir: Path, tracking: Any, report:
 
 def write_all(sweep_dir: Path, weights: dict[str, float] | None = None, tracking: Any = None,
               echo: bool = True) -> pd.DataFrame:
-    """leaderboard.csv, leaderboard_trials.csv, report.html; the table on stdout; W&B when tracking is on.
+    """leaderboard.csv, leaderboard_trials.csv, effects.csv, report.html; the table on stdout; W&B when tracking is on.
 
-    The three files are made in memory first and only then written, each atomically: an error while
+    The four files are made in memory first and only then written, each atomically: an error while
     making any of them leaves the old ones as they were, never a new CSV beside an old report."""
     from sdsweep.board.report import render
 
     sweep = SweepDir(sweep_dir)
     result = collect(sweep.path, weights)
     outputs = {sweep.leaderboard: csv_bytes(result.board), sweep.leaderboard_trials: csv_bytes(result.per_trial),
+               sweep.effects: csv_bytes(pd.DataFrame(effects_rows(result.effects), columns=EFFECT_COLUMNS)),
                sweep.report: render(sweep.path, result).encode("utf-8")}
     if echo:  # the table too, before anything is written: it formats every row
+        said = findings(result.effects)
+        effects_text = ("\naxis effects (mean difference, 95 % interval over the prompt x seed cells):\n  "
+                        + "\n  ".join(said) + f"\n-> {sweep.effects}") if said else ""
         text = (f"\nleaderboard of {sweep.path} (composite: higher is better; * Pareto-optimal)\n"
-                f"{table(result.board)}\n-> {sweep.leaderboard}\n-> {sweep.report}")
+                f"{table(result.board)}\n-> {sweep.leaderboard}{effects_text}\n-> {sweep.report}")
     for path, data in outputs.items():
         atomic_write_bytes(path, data)
     if echo:

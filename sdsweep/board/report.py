@@ -117,7 +117,7 @@ TABLE = [("rank", "rank", "d"), ("config", "configuration", ""), ("composite", "
 
 
 def _table(board: pd.DataFrame) -> str:
-    head = "".join(f"<th>{_e(title)}</th>" for _, title, _ in TABLE[:2]) + "<th>status</th>"
+    head = "".join(f"<th>{_e(title)}</th>" for _, title, _ in TABLE[:2]) + "<th>status</th><th>vs base model</th>"
     head += "".join(f"<th>{_e(title)}</th>" for _, title, _ in TABLE[2:])
     body = []
     for _, r in board.iterrows():
@@ -128,11 +128,16 @@ def _table(board: pd.DataFrame) -> str:
             std = r.get(f"{key}_std")
             if (key == "composite" or key.startswith("eval/")) and std is not None and not pd.isna(std):
                 text += f"<small> ±{_num(std, spec)}</small>"
+            low, high = r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
+            if low is not None and high is not None and not pd.isna(low) and not pd.isna(high):
+                text += f"<br><small>[{_num(low, spec)}, {_num(high, spec)}]</small>"
             if key in ("pareto", "fits_t4") and text:
                 text = {"True": "yes", "False": "no"}.get(text, text)
             cells.append(f"<td>{text}</td>")
         status = _e(r["status"]) + "".join(f"<br><small>{_e(r[k])}</small>" for k in ("reason", "note") if r[k])
         cells.insert(2, f"<td class=status>{status}</td>")
+        versus = r.get("versus_base")
+        cells.insert(3, f"<td><small>{_e(versus) if isinstance(versus, str) else ''}</small></td>")
         cls = "ref" if r["status"] == "reference" else "failed" if r["status"] != "finished" else (
             "pareto" if r["pareto"] is True else "")
         body.append(f"<tr class='{cls}'>{''.join(cells)}</tr>")
@@ -265,6 +270,72 @@ def _problems(problems: list[str]) -> str:
     return f"<div class=problems><b>Skipped while reading the folder:</b><ul>{items}</ul></div>"
 
 
+# --- axis effects ------------------------------------------------------------------------------------
+
+
+def _effects(effects: list) -> str:
+    """What each axis does: a table of every option's effect on each measure, and a forest plot per metric."""
+    if not effects:
+        return ""
+    measures = list(dict.fromkeys(e.measure for e in effects))
+    rows: dict[tuple, dict] = {}
+    for e in effects:
+        rows.setdefault((e.axis, e.option, e.reference), {})[e.measure] = e
+    head = "".join(f"<th>{_e(m.removeprefix('eval/'))}</th>" for m in measures)
+    body = []
+    for (axis, option, reference), by_measure in rows.items():
+        cells = [f"<td>{_effect_text(by_measure.get(m))}</td>" for m in measures]
+        pairs = next(iter(by_measure.values()))
+        note = "" if pairs.pairs == pairs.possible else f"<br><small>{pairs.pairs} of {pairs.possible} pairs</small>"
+        body.append(f"<tr><th class=row>{_e(axis)}={_e(option)} vs {_e(reference)}{note}</th>{''.join(cells)}</tr>")
+    plots = "".join(f"<div><b>{_e(m.removeprefix('eval/'))}</b><br>{_forest([e for e in effects if e.measure == m])}</div>"
+                    for m in measures if any(e.low is not None for e in effects if e.measure == m))
+    return (f"<h2>What each axis does</h2><div class=sub>Main effects: per option, its difference from the axis's "
+            f"first option, averaged over the cells of the other axes (pairs of configurations that differ in this "
+            f"axis only); metrics with a 95 % interval over the prompt x seed cells, resources as a mean difference "
+            f"(and relative). Green: separated and better, red: separated and worse, grey: not separated.</div>"
+            f"<div class=scroll><table class=board><tr><th></th>{head}</tr>{''.join(body)}</table></div>"
+            f"<div class=charts>{plots}</div>")
+
+
+def _effect_colour(e) -> str:
+    if not e.separated:
+        return "#888"
+    return "#2ca02c" if (e.effect > 0) == bool(e.higher_is_better) else "#d62728"
+
+
+def _effect_text(e) -> str:
+    if e is None:
+        return ""
+    if e.low is None:
+        relative = f" ({e.relative:+.0%})" if e.relative is not None else ""
+        return f"{_num(e.effect, '+.3g')}{relative}"
+    return (f'<span style="color:{_effect_colour(e)}">{_num(e.effect, "+.3g")}</span>'
+            f"<br><small>[{_num(e.low, '+.3g')}, {_num(e.high, '+.3g')}]</small>")
+
+
+def _forest(effects: list) -> str:
+    """One line per option: its interval as a bar and its mean as a dot, around a zero line."""
+    shown = [e for e in effects if e.low is not None]
+    span = max(max(abs(e.low), abs(e.high)) for e in shown) or 1.0
+    width, left, line = 420, 170, 22
+    height = line * len(shown) + 24
+
+    def x(v: float) -> float:
+        return left + (v / span + 1) / 2 * (width - left - 10)
+
+    parts = [f'<line x1="{x(0):.1f}" y1="4" x2="{x(0):.1f}" y2="{height - 18}" stroke="#bbb"/>',
+             f'<text x="{x(-span):.1f}" y="{height - 4}" font-size="10">{-span:+.3g}</text>',
+             f'<text x="{x(span):.1f}" y="{height - 4}" font-size="10" text-anchor="end">{span:+.3g}</text>']
+    for i, e in enumerate(shown):
+        y, colour = 14 + i * line, _effect_colour(e)
+        parts.append(f'<text x="4" y="{y + 4}" font-size="11">{_e(e.axis)}={_e(e.option)} vs {_e(e.reference)}</text>'
+                     f'<line x1="{x(e.low):.1f}" y1="{y}" x2="{x(e.high):.1f}" y2="{y}" stroke="{colour}" stroke-width="3"/>'
+                     f'<circle cx="{x(e.effect):.1f}" cy="{y}" r="4" fill="{colour}"><title>{e.effect:+.4g} '
+                     f"[{e.low:+.4g}, {e.high:+.4g}]</title></circle>")
+    return f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
+
+
 def render(sweep_dir: Path, result: Leaderboard) -> str:
     """The page, from what the leaderboard was built of (its records are not read a second time)."""
     board, per_trial, sources = result.board, result.per_trial, result.sources
@@ -284,6 +355,10 @@ written {datetime.now():%Y-%m-%d %H:%M} · rebuild with <code>python -m sdsweep.
 differences under 5% of a metric's size count as ties);
 ± is the standard deviation over seeds; Pareto: not beaten on score, peak memory and training time at once.</div>
 {_table(board)}
+<div class=sub>[a, b]: 95 % bootstrap interval over the prompt x seed cells (and training seeds). vs base model: the
+metrics whose difference from the base model's images of the same prompts and seeds is separated (its interval
+clears the metric's resolution), + above the base model, - below; tie: none is.</div>
+{_effects(result.effects)}
 <h2>Charts</h2>
 <div class=charts><div><b>Composite score against peak memory</b> (red: Pareto-optimal over score, memory and
 training time)<br>{_pareto_chart(board)}</div>

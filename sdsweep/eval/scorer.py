@@ -77,8 +77,10 @@ class Scorer:
         if "style" in self.metrics:
             out.update({PREFIX + k: v for k, v in M.style_similarity(emb, ref_emb).items()})
             centroid = torch.nn.functional.normalize(ref_emb.mean(0), dim=-1)
-            for row, value in zip(rows, (emb @ centroid).tolist()):
+            nearest = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(ref_emb, dim=-1).T
+            for row, value, near in zip(rows, (emb @ centroid).tolist(), nearest.max(dim=1).values.tolist()):
                 row["style_centroid_cos"] = value
+                row["style_nn_cos"] = near  # their mean is eval/style_nn_cos
         if "kid" in self.metrics:
             try:
                 out[f"{PREFIX}kid"], out[f"{PREFIX}kid_std"] = M.kid(emb, ref_emb, self.kid_subsets)
