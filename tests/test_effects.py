@@ -142,3 +142,31 @@ def test_the_board_writes_intervals_versus_base_and_effects_csv(tmp_path, capsys
     assert "axis effects" in out and "targets=many vs attn: style_centroid_cos" in out
     html = (tmp_path / "report.html").read_text()
     assert "What each axis does" in html and "targets=many vs attn" in html
+
+
+def test_the_board_is_rewritten_quietly_after_every_trial_of_a_sweep(tmp_path, capsys):
+    """A report that can be watched: the Hydra callback's on_job_end rewrites the board of the sweep folder."""
+    from omegaconf import OmegaConf
+
+    from sdsweep.sweep.callbacks import SweepSummary
+
+    _write_sweep(tmp_path, {"adapter=lora": 0.2})
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "tracking": {"mode": "online"}})
+    SweepSummary().on_job_end(config, job_return=None)
+    assert not (tmp_path / "leaderboard.csv").exists()  # not a sweep folder: no multirun.yaml
+    (tmp_path / "multirun.yaml").write_text("{}\n")
+    SweepSummary().on_job_end(config, job_return=None)
+    assert "adapter=lora" in (tmp_path / "leaderboard.csv").read_text()
+    assert (tmp_path / "report.html").exists() and (tmp_path / "effects.csv").exists()
+    assert "leaderboard of" not in capsys.readouterr().out  # quiet: the table is printed at the sweep's end
+    _write_sweep_trial(tmp_path, "adapter=dora", 0.1)
+    SweepSummary().on_job_end(config, job_return=None)
+    assert "adapter=dora" in (tmp_path / "leaderboard.csv").read_text()
+
+
+def _write_sweep_trial(folder, name: str, shift: float) -> None:
+    overrides = [name]
+    m = {"status": "finished", "overrides": overrides, "eval/base_key": "k", "eval/style_centroid_cos": 0.3 + shift,
+         "choices": {"adapter": name.split("=")[1]}, **record(0.3 + noise(0) + shift)}
+    (folder / name).mkdir()
+    (folder / name / "metrics.json").write_text(json.dumps(m))

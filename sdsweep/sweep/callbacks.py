@@ -25,6 +25,14 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         clean_sweep_folder(SweepDir(config.hydra.sweep.dir))
 
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """A report that can be watched: the board is rewritten after every trial of a sweep, quietly (the
+        table, W&B and the summary come at the end). With parallel trials the writes may overtake each other;
+        each is atomic and the sweep's end writes the complete board."""
+        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir")
+        if sweep_dir and SweepDir(sweep_dir).is_sweep():
+            write_leaderboard(Path(sweep_dir), config, final=False)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = SweepDir(config.hydra.sweep.dir)
         clean_sweep_folder(sweep)
@@ -71,15 +79,15 @@ def summarize(sweep: SweepDir) -> dict:
             "trials": {d.name: m.get("status") for d, m in trials}, "lines": lines}
 
 
-def write_leaderboard(sweep_dir: Path, config: DictConfig) -> None:
-    """leaderboard.csv + report.html + the table on the terminal (+ W&B); a bug here must not hide
-    the trials' results, which stay in their folders: say how to rebuild instead."""
+def write_leaderboard(sweep_dir: Path, config: DictConfig, final: bool = True) -> None:
+    """leaderboard.csv + effects.csv + report.html, and when `final` the table on the terminal (+ W&B); a
+    bug here must not hide the trials' results, which stay in their folders: say how to rebuild instead."""
     from sdsweep.board.leaderboard import write_all
 
     try:
         weights = OmegaConf.select(config, "eval.score_weights")
         write_all(sweep_dir, OmegaConf.to_container(weights) if weights is not None else None,
-                  tracking=OmegaConf.select(config, "tracking"))
+                  tracking=OmegaConf.select(config, "tracking") if final else None, echo=final)
     except Exception as e:  # noqa: BLE001
         rebuild = f"rebuild it with `python -m sdsweep.board {sweep_dir}`"
         if (failure := write_failure(e, sweep_dir)) is not None or isinstance(e, OSError):
