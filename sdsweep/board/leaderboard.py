@@ -186,7 +186,7 @@ def unreadable_row(trial: TrialDir, reason: str) -> dict[str, Any]:
     row: dict[str, Any] = {"trial": trial.name, "config_key": f"{trial.name} {UNREADABLE}", "seed": None,
                            **{g: None for g in GROUPS}, "overrides": ""}
     row.update({k: None for k in (*RESOURCES, "peak_vram_reserved_mb", *METRICS, "eval/kid_subset_std",
-                                  "eval_base_key")})
+                                  "eval_base_key", "scored_by")})
     row.update(status="failed", reason=reason, scored=False)
     return row
 
@@ -207,6 +207,7 @@ def trial_row(trial: TrialDir, m: dict) -> dict[str, Any]:
     row.update({k: m.get(k) for k in METRICS})
     row["eval/kid_subset_std"] = m.get("eval/kid_std")  # spread over KID's subsets (not over seeds)
     row["eval_base_key"] = m.get("eval/base_key")
+    row["scored_by"] = m.get("eval/clip_model")
     row["status"] = m.get("status", "failed")
     row["reason"] = m.get("reason") or m.get("eval_error") or ""
     row["scored"] = row["status"] == "finished" and any(m.get(k) is not None for k in METRICS)
@@ -237,6 +238,7 @@ def base_rows(sweep_dir: Path, trials: list[dict], problems: list[str] | None = 
         row.update(adapter="none", overrides="", trainable_params=0, adapter_mb=0.0, eval_base_key=b["key"],
                    status="reference", reason="", scored=True, eval_s=b.get("eval_s"))
         row.update({k: b.get(k) for k in METRICS})
+        row["scored_by"] = b.get("eval/clip_model")
         row["eval/kid_subset_std"] = b.get("eval/kid_std")
         rows[b["key"]] = row
         if sources is not None:
@@ -293,7 +295,8 @@ def aggregate(rows: list[dict]) -> pd.DataFrame:
     for group in by_config.values():
         ok = [r for r in group if r["status"] in ("finished", "reference")]
         use = ok or group
-        agg: dict[str, Any] = {k: use[0].get(k) for k in ("config_key", *GROUPS, "overrides", "eval_base_key")}
+        agg: dict[str, Any] = {k: use[0].get(k) for k in ("config_key", *GROUPS, "overrides", "eval_base_key",
+                                                           "scored_by")}
         agg["overrides"] = " ".join(o for o in str(use[0]["overrides"]).split() if not o.startswith("seed="))
         for k in NUMERIC:
             values = [r[k] for r in use if _finite(r.get(k))]
@@ -436,7 +439,7 @@ def collect(sweep_dir: Path, weights: dict[str, float] | None = None) -> Leaderb
     board.insert(1, "config", board["config_key"].map(labels))
     board = rank(board)
     ordered = COLUMNS + [c for k in NUMERIC[1:] for c in ((k, f"{k}_std") if k in WITH_STD else (k,))] + [
-        "peak_vram_reserved_mb", "overrides", "note", "reason", "trials", "config_key", "eval_base_key"]
+        "peak_vram_reserved_mb", "overrides", "note", "reason", "trials", "config_key", "eval_base_key", "scored_by"]
     board = board[ordered]
     configurations = finished_configurations(rows, sources)
     board = add_intervals(board, configurations, sources)
@@ -449,7 +452,8 @@ def collect(sweep_dir: Path, weights: dict[str, float] | None = None) -> Leaderb
     per_trial["_failed"] = ~per_trial["status"].isin(["finished", "reference"])
     per_trial = per_trial.sort_values(["_failed", "_pos", "seed", "trial"], kind="stable", na_position="last")
     columns = ["trial", "config", "seed", "config_rank", "status", "composite", *METRICS, "eval/kid_subset_std",
-               *RESOURCES, "peak_vram_reserved_mb", *GROUPS, "overrides", "reason", "config_key", "eval_base_key"]
+               *RESOURCES, "peak_vram_reserved_mb", *GROUPS, "overrides", "reason", "config_key", "eval_base_key",
+               "scored_by"]
     for problem in problems:
         log.warning("leaderboard: %s", problem)
     effects = axis_effects(list(configurations.values()))

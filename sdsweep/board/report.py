@@ -270,6 +270,19 @@ def _problems(problems: list[str]) -> str:
     return f"<div class=problems><b>Skipped while reading the folder:</b><ul>{items}</ul></div>"
 
 
+def _scorers(board: pd.DataFrame) -> str:
+    """Which CLIP model scored the rows, named where everyone looks first, with what a stand-in's numbers mean."""
+    names = sorted({s for s in board["scored_by"] if isinstance(s, str) and s})
+    if not names:
+        return ""
+    caveats = []
+    if any(n.startswith("tiny") for n in names):
+        caveats.append("<b>tiny</b> has random weights: its CLIP numbers mean nothing")
+    if any(n.startswith("toy") for n in names):
+        caveats.append("<b>toy</b> knows only the toy world: its numbers mean something for model=toy-sdxl alone")
+    return f"<div class=sub>Scored by: {_e(', '.join(names))}. {'; '.join(caveats)}</div>"
+
+
 # --- axis effects ------------------------------------------------------------------------------------
 
 
@@ -348,6 +361,7 @@ def render(sweep_dir: Path, result: Leaderboard) -> str:
 <div class=sub>{len(per_trial)} rows · {finished} configurations finished · {failed} failed ·
 written {datetime.now():%Y-%m-%d %H:%M} · rebuild with <code>python -m sdsweep.board {_e(sweep_dir)}</code></div>
 {_problems(result.problems)}
+{_scorers(board)}
 <h2>Images: one row per trial, the base model first; one column per prompt and seed</h2>
 {_grid(per_trial, sources)}
 <h2>Leaderboard</h2>

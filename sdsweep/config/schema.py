@@ -192,12 +192,15 @@ class EvalConfig:
     """Decode samples tile by tile (diffusers' VAE tiling): bounded memory for 1024 px on a 16 GB card."""
     metrics: list[str] = field(default_factory=lambda: list(EVAL_METRICS))
     """Any of clip_score, style, kid, random_style, content. random_style alone needs no CLIP weights."""
-    clip_model: str = TINY_CLIP
-    """An open_clip architecture (ViT-L-14, ViT-B-32, hf-hub:...); `toy`: the toy CLIP trained on the toy world
-    (sdsweep/eval/toy_clip.py, ships with the package), what judges model=toy-sdxl; or `tiny`: a random-weight
-    stand-in built in code (its numbers mean nothing)."""
+    clip_model: str = "auto"
+    """`auto`: follows the model (config/encoders.py): the toy CLIP for model=toy-sdxl, the random stand-in for
+    the random tiny models, ViT-L-14/openai for every real model. Or an open_clip architecture (ViT-L-14,
+    ViT-B-32, hf-hub:...); `toy`: the toy CLIP trained on the toy world (sdsweep/eval/toy_clip.py, ships with
+    the package); `tiny`: a random-weight stand-in built in code (its numbers mean nothing)."""
     clip_pretrained: str | None = None
     """open_clip pretrained tag (openai, laion2b_s32b_b82k, ...) or a local weights file; null with clip_model=toy or tiny."""
+    allow_stand_in: bool = False
+    """Score a real model with `toy` or `tiny` anyway (refused before launch otherwise); every row says so."""
     max_reference_images: int = 32
     """Training images used as the style reference (evenly spaced over the set); caps feature-extraction time."""
     kid_subsets: int = 50

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from sdsweep.config.encoders import clip_choice, stand_in_problem
 from sdsweep.config.schema import (
     ADAPTER_KINDS,
     CLIP_METRICS,
@@ -233,7 +234,9 @@ def _eval(p: list[str], cfg: Any) -> None:
     if not any(w for w in e.score_weights.values()):
         p.append("eval.score_weights are all 0: give at least one metric a positive weight")
     if any(m in CLIP_METRICS for m in e.metrics):
-        _clip(p, e.clip_model, e.clip_pretrained)
+        _clip(p, *clip_choice(cfg))
+        if (problem := stand_in_problem(cfg)) is not None:
+            p.append(problem)
 
 
 def _clip(p: list[str], model: str, pretrained: str | None) -> None:

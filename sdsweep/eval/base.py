@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from sdsweep.config.encoders import clip_choice
 from sdsweep.eval.sampling import Sample, generate, read_prompts
 from sdsweep.eval.scorer import Scorer
 from sdsweep.io import atomic_dir, atomic_write_json
@@ -34,9 +35,10 @@ def base_samples_key(cfg: DictConfig, source: str, device: torch.device, data: s
         "device": device.type, "prompts": read_prompts(e),
         "data": data,
         **{k: OmegaConf.to_container(e[k]) if OmegaConf.is_config(e[k]) else e[k]
-           for k in ("seeds", "steps", "guidance_scale", "resolution", "metrics", "clip_model", "clip_pretrained",
-                     "max_reference_images", "kid_subsets")},
+           for k in ("seeds", "steps", "guidance_scale", "resolution", "metrics", "max_reference_images",
+                     "kid_subsets")},
     }
+    info["clip_model"], info["clip_pretrained"] = clip_choice(cfg)  # `auto` as it resolved
     return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12], info
 
 

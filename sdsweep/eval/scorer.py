@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from sdsweep.config.encoders import clip_choice
 from sdsweep.config.schema import CLIP_METRICS
 from sdsweep.data.dataset import DataSource, resolve_source
 from sdsweep.data.folder import decode_image
@@ -40,7 +41,7 @@ class Scorer:
         self.metrics, self.kid_subsets, self.device = set(e.metrics), e.kid_subsets, device
         self.clip = None
         if self.metrics & set(CLIP_METRICS):
-            self.clip = M.load_clip(e.clip_model, e.clip_pretrained, cfg.model.cache_dir)
+            self.clip = M.load_clip(*clip_choice(cfg), cfg.model.cache_dir)
         self.source = resolve_source(cfg.data, cfg.model.cache_dir)  # resolved once: an HF dataset opens here
         self.references = reference_images(cfg, self.source)
 
