@@ -102,3 +102,13 @@ def test_validate_collects_every_problem_at_once(make_cfg):
     for key in ("adapter.rank=0", "train.lr=-1", "data.resolution=100", "adapter.dropout=1.5"):
         assert key in text
     assert len(err.value.problems) == 4
+
+
+def test_a_key_the_schema_does_not_define_is_refused_with_the_key_meant(make_cfg):
+    """`+adapter.rnak=4` composes (the + adds the key) and nothing would read it: refused, naming adapter.rank."""
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg("+adapter.rnak=4", "+trian.lr=1e-3"))
+    text = str(err.value)
+    assert "adapter.rnak is not a key of sdsweep's config" in text and "did you mean adapter.rank?" in text
+    assert "trian is not a key" in text and "did you mean train?" in text
+    validate(make_cfg("++eval.score_weights.kid=0.5"))  # a dict node's entries are its keys

@@ -7,6 +7,7 @@ override before Hydra sees it (resume, preflight)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import re
 import typing
@@ -73,3 +74,15 @@ def schema_fields(node: str) -> list[str]:
     a leaf or no key."""
     found = _schema_type(node)
     return [f.name for f in dataclasses.fields(found)] if dataclasses.is_dataclass(found) else []
+
+
+def schema_hint(full_key: str) -> str | None:
+    """For a key a typed node of the schema lacks (adapter.rnak): the key meant, or the node's keys."""
+    node, _, leaf = full_key.rpartition(".")
+    keys = schema_fields(node)
+    if not keys:  # not a typed node: a dict entry (eval.score_weights.x), which + may append
+        return None
+    prefix = f"{node}." if node else ""
+    if close := difflib.get_close_matches(leaf, keys, n=1):
+        return f"did you mean {prefix}{close[0]}?"
+    return f"the keys of {node or 'the config'}: {', '.join(keys)}"

@@ -39,17 +39,34 @@ from sdsweep.config.schema import (
     OptimizerConfig,
     TrainConfig,
 )
+from sdsweep.config.store import in_schema, schema_fields, schema_hint
 
 
 def validate(cfg: DictConfig | Config) -> None:
     """Raise ConfigError listing every problem of `cfg` (each naming the key to change), or return."""
     p: list[str] = []
-    for check in (_adapter, _targets, _text_encoder, _precision, _optimizer, _model, _data, _eval, _train,
-                  _tracking, _sweep):
+    for check in (_unknown_keys, _adapter, _targets, _text_encoder, _precision, _optimizer, _model, _data, _eval,
+                  _train, _tracking, _sweep):
         check(p, cfg)
     _check_choice(p, "device", cfg.device, DEVICES)
     if p:
         raise ConfigError(p)
+
+
+def _unknown_keys(p: list[str], cfg: Any, node: str = "") -> None:
+    """Keys the schema does not define: `+adapter.rnak=4` composes (the + adds it), and nothing would read it."""
+    if not isinstance(cfg, DictConfig):
+        return
+    for key in cfg.keys():
+        full = f"{node}.{key}" if node else str(key)
+        if full == "hydra":
+            continue
+        if not in_schema(full):
+            hint = schema_hint(full)
+            p.append(f"{full} is not a key of sdsweep's config, so nothing would read it (a typo, or added with +)"
+                     + (f": {hint}" if hint else ""))
+        elif schema_fields(full):  # a typed node: its keys are checked too (a dict node's entries are all keys)
+            _unknown_keys(p, cfg[key], full)
 
 
 def _check_choice(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:

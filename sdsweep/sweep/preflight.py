@@ -11,7 +11,6 @@ they are pruned, with their reason in the trial's metrics.json and the sweep sum
 
 from __future__ import annotations
 
-import difflib
 import logging
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from sdsweep.config.schema import ConfigError
-from sdsweep.config.store import schema_fields, trial_dirname
+from sdsweep.config.store import schema_hint, trial_dirname
 from sdsweep.config.validate import validate
 from sdsweep.config.validate import warnings as config_warnings
 from sdsweep.sweep.estimate import estimate_peak
@@ -87,7 +86,7 @@ def composition_reason(error: Exception) -> str:
     if not isinstance(error, (HydraException, OmegaConfBaseException)):  # a bug: its type says most
         parts[:1] = [f"{type(error).__name__}: {parts[0] if parts else ''}".rstrip(": ")]
     missing = next((e for e in chain if isinstance(e, (ConfigAttributeError, ConfigKeyError))), None)
-    if missing is not None and (hint := _schema_hint(str(missing.full_key))):
+    if missing is not None and (hint := schema_hint(str(missing.full_key))):
         return ": ".join(p for p in parts if not p.startswith(_APPEND_HINT)) + f"; {hint}"
     return ": ".join(parts)
 
@@ -119,18 +118,6 @@ def _message_parts(error: BaseException) -> list[str]:
             sections.append([text])
     return [f"{head} {', '.join(items)}".strip().rstrip(".") for head, *items in sections
             if head != _HYDRA_SEARCH_PATH]
-
-
-def _schema_hint(full_key: str) -> str | None:
-    """For a key a typed node of the schema lacks (adapter.rnak): the key meant, or the node's keys."""
-    node, _, leaf = full_key.rpartition(".")
-    keys = schema_fields(node)
-    if not keys:  # not a typed node: a dict entry (eval.score_weights.x), which + may append
-        return None
-    prefix = f"{node}." if node else ""
-    if close := difflib.get_close_matches(leaf, keys, n=1):
-        return f"did you mean {prefix}{close[0]}?"
-    return f"the keys of {node or 'the config'}: {', '.join(keys)}"
 
 
 def missing_data_paths(configs: list[DictConfig]) -> list[str]:
