@@ -150,7 +150,9 @@ def sample_validation(cfg: DictConfig, components, autocast_dtype: torch.dtype |
     samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype)
     for module in components.modules().values():  # generate() put them in eval mode
         module.train(any(p.requires_grad for p in module.parameters()))
-    out.mkdir(parents=True, exist_ok=True)
-    for sample in samples:
-        sample.image.save(out / sample.file)
+    from sdsweep.io import atomic_dir
+
+    with atomic_dir(out) as staged:  # a kill mid-save leaves no half-written PNG in validation/step-N
+        for sample in samples:
+            sample.image.save(staged / sample.file)
     return samples
