@@ -147,14 +147,16 @@ def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
     return max(float(clip_scores(image_emb, text_emb).mean()), 0.0)
 
 
-def style_similarity(gen_emb: torch.Tensor, ref_emb: torch.Tensor) -> dict[str, float]:
-    """Cosine to the reference centroid and to the nearest reference, each averaged over images; [-1, 1]."""
+def style_per_image(gen_emb: torch.Tensor, ref_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per generated image, its cosine to the reference centroid and to its nearest reference; [-1, 1]."""
     gen, ref = F.normalize(gen_emb, dim=-1), F.normalize(ref_emb, dim=-1)
     centroid = F.normalize(ref.mean(0), dim=-1)
-    return {
-        "style_centroid_cos": float((gen @ centroid).mean()),
-        "style_nn_cos": float((gen @ ref.T).max(dim=1).values.mean()),
-    }
+    return {"style_centroid_cos": gen @ centroid, "style_nn_cos": (gen @ ref.T).max(dim=1).values}
+
+
+def style_similarity(gen_emb: torch.Tensor, ref_emb: torch.Tensor) -> dict[str, float]:
+    """Cosine to the reference centroid and to the nearest reference, each averaged over images; [-1, 1]."""
+    return {k: float(v.mean()) for k, v in style_per_image(gen_emb, ref_emb).items()}
 
 
 def content_similarity(adapted_emb: torch.Tensor, base_emb: torch.Tensor) -> torch.Tensor:

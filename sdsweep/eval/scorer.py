@@ -76,12 +76,11 @@ class Scorer:
             for row, value in zip(rows, M.clip_scores(emb, text).tolist()):
                 row["clip_score"] = max(value, 0.0)
         if "style" in self.metrics:
-            out.update({PREFIX + k: v for k, v in M.style_similarity(emb, ref_emb).items()})
-            centroid = torch.nn.functional.normalize(ref_emb.mean(0), dim=-1)
-            nearest = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(ref_emb, dim=-1).T
-            for row, value, near in zip(rows, (emb @ centroid).tolist(), nearest.max(dim=1).values.tolist()):
-                row["style_centroid_cos"] = value
-                row["style_nn_cos"] = near  # their mean is eval/style_nn_cos
+            per_image = M.style_per_image(emb, ref_emb)  # their means are eval/style_centroid_cos, eval/style_nn_cos
+            out.update({PREFIX + k: float(v.mean()) for k, v in per_image.items()})
+            for key, values in per_image.items():
+                for row, value in zip(rows, values.tolist()):
+                    row[key] = value
         if "kid" in self.metrics:
             try:
                 out[f"{PREFIX}kid"], out[f"{PREFIX}kid_std"] = M.kid(emb, ref_emb, self.kid_subsets)
