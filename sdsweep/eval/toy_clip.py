@@ -117,7 +117,9 @@ def save_toy_clip(model: torch.nn.Module, path: Path, token_ids: list[int]) -> N
 
 def full_weights_file(cache_dir: str | os.PathLike, shipped: Path = WEIGHTS_FILE) -> Path:
     """A complete open_clip weights file (fp32) under <cache_dir>/open_clip, written once per shipped file."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from sdsweep.io import atomic_write_bytes
 
     digest = hashlib.sha256(Path(shipped).read_bytes()).hexdigest()[:12]
     target = Path(cache_dir).expanduser() / "open_clip" / f"{TOY_CLIP_NAME}-{digest}.safetensors"
@@ -129,10 +131,7 @@ def full_weights_file(cache_dir: str | os.PathLike, shipped: Path = WEIGHTS_FILE
     embedding = token_fill(text["vocab_size"], text["width"])
     embedding[ids] = rows
     state["token_embedding.weight"] = embedding
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, target)
+    atomic_write_bytes(target, save(state))
     return target
 
 
