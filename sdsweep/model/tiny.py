@@ -278,10 +278,14 @@ def build_tiny_pipeline(folder: Path, family: str, seed: int = 0) -> None:
         pipe.save_pretrained(folder)
 
 
+def tiny_folder(cache_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
+    """Where `ensure_tiny_model` builds the tiny `family` model (built or not)."""
+    return Path(cache_dir).expanduser() / f"tiny-{family}-v{TINY_VERSION}-seed{seed}"
+
+
 def ensure_tiny_model(cache_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
     """Return the folder of the tiny `family` model, building it once (atomically) if needed."""
-    root = Path(cache_dir).expanduser()
-    folder = root / f"tiny-{family}-v{TINY_VERSION}-seed{seed}"
+    folder = tiny_folder(cache_dir, family, seed)
     if (folder / "model_index.json").exists():
         return folder
     from sdsweep.io import atomic_dir_if_absent

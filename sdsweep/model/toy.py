@@ -179,12 +179,17 @@ def build_toy_pipeline(folder: Path, family: str = "sdxl", weights_dir: Path = W
         pipe.save_pretrained(folder)
 
 
+def toy_folder(cache_dir: str | os.PathLike, family: str = "sdxl", weights_dir: Path = WEIGHTS_DIR) -> Path:
+    """Where `ensure_toy_model` builds the toy `family` model (built or not)."""
+    return Path(cache_dir).expanduser() / f"toy-{family}-{weights_digest(weights_dir)}"
+
+
 def ensure_toy_model(cache_dir: str | os.PathLike, family: str = "sdxl", weights_dir: Path = WEIGHTS_DIR) -> Path:
     """The folder of the toy `family` model under `cache_dir`, built once (atomically) from the shipped
     weights; its name carries the manifest's hash, so new weights build a new folder."""
     from sdsweep.io import atomic_dir_if_absent
 
-    folder = Path(cache_dir).expanduser() / f"toy-{family}-{weights_digest(weights_dir)}"
+    folder = toy_folder(cache_dir, family, weights_dir)
     if (folder / "model_index.json").exists():
         return folder
     # another trial building it at the same time keeps theirs; the folder follows the umask

@@ -187,17 +187,18 @@ def component_configs(model) -> tuple[dict[str, tuple[str, dict]], list[str]]:
 
 
 def _tiny_configs(model) -> dict[str, tuple[str, dict]]:
-    """The tiny model's configs: from its folder when it is built, else from tiny.py's own builders
-    (milliseconds; a preflight must not write the model into model.cache_dir)."""
+    """The tiny or toy model's configs: from its folder when it is built (a few JSON files), else from
+    tiny.py's or toy.py's own builders (a preflight must not write the model into model.cache_dir)."""
     from pathlib import Path
 
-    from sdsweep.model import tiny
+    from sdsweep.model import tiny, toy
 
-    if model.tiny_weights == "toy":
-        return _configs_of(_toy_modules())
-    folder = Path(model.cache_dir).expanduser() / f"tiny-{model.family}-v{tiny.TINY_VERSION}-seed0"
+    toy_weights = model.tiny_weights == "toy"
+    folder = toy.toy_folder(model.cache_dir, model.family) if toy_weights else tiny.tiny_folder(model.cache_dir, model.family)
     if (folder / "model_index.json").exists():
         return _read_configs(str(folder), model)
+    if toy_weights:
+        return _configs_of(_toy_modules())
     family = model.family
     if family == "sd3":
         import tempfile
