@@ -64,7 +64,7 @@ def cell_scores(record: dict, metric: str) -> dict[Cell, float]:
     out = {}
     for row in record.get("eval_images") or []:
         value = row.get(metric)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if finite(value):
             out[(row["prompt"], row["seed"])] = float(value)
     return out
 
@@ -201,7 +201,7 @@ def axis_effects(configurations: list[Configuration]) -> list[Effect]:
                                       interval.high, len(pairs), possible, higher))
             for resource in RESOURCES:
                 both = [(a.resources[resource], b.resources[resource]) for a, b in pairs
-                        if _finite(a.resources.get(resource)) and _finite(b.resources.get(resource))]
+                        if finite(a.resources.get(resource)) and finite(b.resources.get(resource))]
                 if both:
                     relative = [x / y - 1 for x, y in both if y]
                     out.append(Effect(axis, option, reference, resource, float(np.mean([x - y for x, y in both])),
@@ -229,7 +229,8 @@ def _paired_effect(pairs: list[tuple[Configuration, Configuration]], metric: str
     return bootstrap(diffs[None, :])
 
 
-def _finite(v) -> bool:
+def finite(v: object) -> bool:
+    """A real number (not a bool, not NaN or infinite): a figure that can be averaged."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 

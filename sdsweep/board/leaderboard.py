@@ -33,12 +33,12 @@ import logging
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from sdsweep.board import report
 from sdsweep.board.effects import (
     EFFECT_COLUMNS,
     PER_IMAGE,
@@ -47,11 +47,13 @@ from sdsweep.board.effects import (
     axis_effects,
     effects_rows,
     findings,
+    finite,
     parse_overrides,
     versus_base,
 )
 from sdsweep.board.effects import RESOLUTION as METRIC_RESOLUTION
 from sdsweep.board.effects import RESOURCES as EFFECT_RESOURCES
+from sdsweep.board.record import Leaderboard, RowSource
 from sdsweep.config.schema import GROUPS, SCORE_KEYS, EvalConfig
 from sdsweep.io import atomic_write_bytes
 from sdsweep.layout import METRICS as METRICS_FILE
@@ -262,7 +264,7 @@ def add_composite(rows: list[dict], weights: dict[str, float]) -> None:
     pool = [r for r in rows if r["scored"]]
     bounds = {}
     for key in METRICS:
-        values = [r[key] for r in pool if _finite(r.get(key))]
+        values = [r[key] for r in pool if finite(r.get(key))]
         if values:
             spread = max(max(values) - min(values), RESOLUTION * max(abs(v) for v in values))
             bounds[key] = (min(values), max(values), spread)
@@ -270,7 +272,7 @@ def add_composite(rows: list[dict], weights: dict[str, float]) -> None:
         total = weight_sum = 0.0
         for key, higher in METRICS.items():
             w = float(weights.get(key.removeprefix("eval/"), 0.0))
-            if not w or key not in bounds or not r["scored"] or not _finite(r.get(key)):
+            if not w or key not in bounds or not r["scored"] or not finite(r.get(key)):
                 continue
             lo, hi, spread = bounds[key]
             if spread > 0:
@@ -280,10 +282,6 @@ def add_composite(rows: list[dict], weights: dict[str, float]) -> None:
             total += w * norm
             weight_sum += w
         r["composite"] = total / weight_sum if weight_sum else None
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def aggregate(rows: list[dict]) -> pd.DataFrame:
@@ -299,12 +297,12 @@ def aggregate(rows: list[dict]) -> pd.DataFrame:
                                                            "scored_by")}
         agg["overrides"] = " ".join(o for o in str(use[0]["overrides"]).split() if not o.startswith("seed="))
         for k in NUMERIC:
-            values = [r[k] for r in use if _finite(r.get(k))]
+            values = [r[k] for r in use if finite(r.get(k))]
             agg[k] = sum(values) / len(values) if values and ok else None
             if k in WITH_STD:
                 agg[f"{k}_std"] = pd.Series(values).std() if len(values) > 1 and ok else None
         agg["peak_vram_reserved_mb"] = max((r["peak_vram_reserved_mb"] for r in use
-                                            if _finite(r.get("peak_vram_reserved_mb"))), default=None)
+                                            if finite(r.get("peak_vram_reserved_mb"))), default=None)
         agg["n_seeds"] = len(ok) if group[0]["status"] != "reference" else None
         agg["seeds"] = " ".join(str(r["seed"]) for r in sorted(group, key=lambda r: str(r["seed"])) if r["seed"] is not None)
         agg["trials"] = " ".join(sorted(r["trial"] for r in group))
@@ -351,7 +349,7 @@ def rank(board: pd.DataFrame) -> pd.DataFrame:
 def _dominates(a: tuple, b: tuple) -> bool:
     """a is at least as good as b everywhere (score up, memory down, time down) and better somewhere."""
     def val(x, flip):
-        return (-x if flip else x) if _finite(x) else math.inf
+        return (-x if flip else x) if finite(x) else math.inf
 
     av = [val(a[0], True), val(a[1], False), val(a[2], False)]
     bv = [val(b[0], True), val(b[1], False), val(b[2], False)]
@@ -363,7 +361,7 @@ def _spread_notes(board: pd.DataFrame, idx: list) -> None:
     for pos, j in enumerate(ranked):
         close = []
         for i in ranked[:pos]:
-            spread = sum(s for s in (board.at[i, "composite_std"], board.at[j, "composite_std"]) if _finite(s))
+            spread = sum(s for s in (board.at[i, "composite_std"], board.at[j, "composite_std"]) if finite(s))
             if spread > 0 and board.at[i, "composite"] - board.at[j, "composite"] <= spread:
                 close.append(f"#{board.at[i, 'rank']} {board.at[i, 'config']}")
         if close:
@@ -386,29 +384,6 @@ COLUMNS = ["rank", "config", "status", "composite", "composite_std", "pareto", "
 
 class NoTrials(ValueError):
     """The folder holds no trial of a sweep: there is nothing to rank."""
-
-
-@dataclass(frozen=True)
-class RowSource:
-    """What a row of the per-trial table was read from: its checked record and its images' folder."""
-
-    record: dict
-    samples: Path
-
-
-@dataclass
-class Leaderboard:
-    """Everything the outputs are made of, read from the folders once."""
-
-    board: pd.DataFrame
-    """by configuration, ranked and ordered"""
-    per_trial: pd.DataFrame
-    sources: dict[str, RowSource] = field(default_factory=dict)
-    """per_trial's "trial" -> its record, for the report's images and loss curves (not read a second time)"""
-    problems: list[str] = field(default_factory=list)
-    """files skipped while reading the folder, each named with what is wrong with it"""
-    effects: list = field(default_factory=list)
-    """board/effects.py's Effect of every option of every axis (effects.csv)"""
 
 
 def build(sweep_dir: Path, weights: dict[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -474,7 +449,7 @@ def finished_configurations(rows: list[dict], sources: dict[str, RowSource]) -> 
         resources = {}
         for name in EFFECT_RESOURCES:
             values = [_memory(r) if name == "peak_memory_mb" else r.get(name) for r in group]
-            values = [v for v in values if _finite(v)]
+            values = [v for v in values if finite(v)]
             if values:
                 resources[name] = sum(values) / len(values)
         out[key] = Configuration(parse_overrides(key), [sources[r["trial"]].record for r in group], resources)
@@ -483,7 +458,7 @@ def finished_configurations(rows: list[dict], sources: dict[str, RowSource]) -> 
 
 def _memory(row: dict) -> Any:
     """Peak VRAM where the trial ran on a GPU, else the process's peak memory."""
-    return row.get("peak_vram_mb") if _finite(row.get("peak_vram_mb")) else row.get("peak_memory_mb")
+    return row.get("peak_vram_mb") if finite(row.get("peak_vram_mb")) else row.get("peak_memory_mb")
 
 
 def interval_columns() -> list[str]:
@@ -540,8 +515,8 @@ def table(board: pd.DataFrame) -> str:
 
     lines = []
     for _, r in board.iterrows():
-        comp = fmt(r["composite"], ".3f") + (f"±{r['composite_std']:.3f}" if _finite(r["composite_std"]) else "")
-        memory = r["peak_vram_mb"] if _finite(r["peak_vram_mb"]) else r["peak_memory_mb"]
+        comp = fmt(r["composite"], ".3f") + (f"±{r['composite_std']:.3f}" if finite(r["composite_std"]) else "")
+        memory = r["peak_vram_mb"] if finite(r["peak_vram_mb"]) else r["peak_memory_mb"]
         lines.append({
             "rank": fmt(r["rank"], "d") if not pd.isna(r["rank"]) else "-", "config": str(r["config"])[:48],
             "composite": comp, "clip": fmt(r["eval/clip_score"], ".2f"), "style": fmt(r["eval/style_centroid_cos"], ".3f"),
@@ -580,13 +555,11 @@ def write_all(sweep_dir: Path, weights: dict[str, float] | None = None, tracking
 
     The four files are made in memory first and only then written, each atomically: an error while
     making any of them leaves the old ones as they were, never a new CSV beside an old report."""
-    from sdsweep.board.report import render
-
     sweep = SweepDir(sweep_dir)
     result = collect(sweep.path, weights)
     outputs = {sweep.leaderboard: csv_bytes(result.board), sweep.leaderboard_trials: csv_bytes(result.per_trial),
                sweep.effects: csv_bytes(pd.DataFrame(effects_rows(result.effects), columns=EFFECT_COLUMNS)),
-               sweep.report: render(sweep.path, result).encode("utf-8")}
+               sweep.report: report.render(sweep.path, result).encode("utf-8")}
     if echo:  # the table too, before anything is written: it formats every row
         said = findings(result.effects)
         effects_text = ("\naxis effects (mean difference, 95 % interval over the prompt x seed cells):\n  "
@@ -639,7 +612,7 @@ def _weights_in(path: Path) -> dict[str, float] | None:
 
 
 def _weight_ok(w: Any) -> bool:
-    return _finite(w) and w >= 0
+    return finite(w) and w >= 0
 
 
 def parse_weight(text: str) -> tuple[str, float]:

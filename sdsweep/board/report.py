@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from sdsweep.board.leaderboard import Leaderboard, RowSource
+from sdsweep.board.record import Leaderboard, RowSource
 
 THUMB = 256  # longest side of an embedded image; keeps a 1024-px sweep's report a few MB
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
