@@ -342,10 +342,13 @@ def measure(out: Path, grid: bool) -> dict:
 
 # --- the LoRA sanity check ---------------------------------------------------------------------
 
-LORA_PATTERNS = {"attn": [r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"],
-                 "many": [r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)", r".*ff\.net\.(0\.proj|2)",
-                          r".*attentions\.\d+\.proj_(in|out)", r".*resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)",
-                          r"(time_embedding|add_embedding)\.linear_[12]"]}  # conf/targets/{attn,many}.yaml
+def lora_patterns(targets: str) -> list[str]:
+    """targets=attn|many's UNet patterns, read from the package's conf/targets/<targets>.yaml (what trials use)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.load(resources.files("sdsweep.conf") / "targets" / f"{targets}.yaml").patterns)
 
 
 def lora_run(out: Path, clip, folder: Path, steps: int, lr: float, targets: str, rank: int) -> dict:
@@ -361,7 +364,7 @@ def lora_run(out: Path, clip, folder: Path, steps: int, lr: float, targets: str,
     pipe.set_progress_bar_config(disable=True)
     unet, vae = pipe.unet, pipe.vae
     unet.requires_grad_(False)
-    names = resolve_targets(unet, LORA_PATTERNS[targets], "unet")
+    names = resolve_targets(unet, lora_patterns(targets), "unet")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=names))
     items = world.finetune_items()
     x = pixels(items)
