@@ -97,7 +97,7 @@ def test_vae_tiling_decodes_tile_by_tile_and_switches_back_off(make_cfg, monkeyp
     real = type(vae).tiled_decode
     monkeypatch.setattr(type(vae), "tiled_decode", lambda self, *a, **k: tiled.append(1) or real(self, *a, **k))
     latents = torch.randn(1, 4, 16, 16)
-    image = sampling.decode(pipe, latents, tiling=True)
+    (image,) = sampling.decode(pipe, latents, tiling=True)
     assert tiled and image.size == (128, 128) and not vae.use_tiling
     sampling.decode(pipe, latents, tiling=False)
     assert len(tiled) == 1

@@ -190,6 +190,9 @@ class EvalConfig:
     resolution: int = 64
     vae_tiling: bool = False
     """Decode samples tile by tile (diffusers' VAE tiling): bounded memory for 1024 px on a 16 GB card."""
+    batch_size: int | None = None
+    """Images drawn per pipeline call; null: every prompt x seed at once for a model built in code
+    (toy, tiny), 1 for a real model (eval/sampling.py:sampling_batch)."""
     metrics: list[str] = field(default_factory=lambda: list(EVAL_METRICS))
     """Any of clip_score, style, kid, random_style, content. random_style alone needs no CLIP weights."""
     clip_model: str = "auto"
@@ -306,6 +309,10 @@ class SweepConfig:
     """GiB of GPU memory a trial may need (16: a T4). A cell whose predicted need (sdsweep/estimate.py:
     peak allocated + allocator slack + CUDA context) is larger is pruned before it loads anything,
     with the reason. Applies only to trials that run on CUDA; 0 or null: no budget."""
+    estimate: str = "auto"
+    """When the peak VRAM is predicted (sdsweep/sweep/estimate.py, 1-10 s a distinct cell): `auto`, for
+    trials that run on CUDA, the only ones a budget prunes; `always`, on a CPU too (plan a GPU sweep on a
+    laptop: the prediction table, pred_gb on the leaderboard); `never` (no budget pruning either)."""
 
 
 @dataclass

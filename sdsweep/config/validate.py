@@ -212,6 +212,7 @@ def _sweep(p: list[str], cfg: Any) -> None:
     budget = cfg.sweep.vram_budget_gb
     if budget is not None and budget < 0:
         p.append(f"sweep.vram_budget_gb={budget}: must be >= 0 (GiB of GPU memory; 0 or null: no budget)")
+    _check_choice(p, "sweep.estimate", cfg.sweep.estimate, ("auto", "always", "never"))
     es = cfg.sweep.early_stop
     if es.enabled and (not es.at or any(not 0.0 < f < 1.0 for f in es.at)):
         p.append(f"sweep.early_stop.at={list(es.at)}: give fractions of train.max_steps in (0, 1), e.g. [0.5]")
@@ -227,6 +228,9 @@ def _eval(p: list[str], cfg: Any) -> None:
         p.append(f"eval.resolution={e.resolution}: must be a positive multiple of 8")
     if e.steps < 1:
         p.append(f"eval.steps={e.steps}: must be >= 1")
+    if e.batch_size is not None and e.batch_size < 1:
+        p.append(f"eval.batch_size={e.batch_size}: must be >= 1, or null (every cell at once for a model built "
+                 "in code, 1 for a real model)")
     if not e.enabled:
         return
     if e.prompts_file:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from sdsweep.config.encoders import clip_choice
-from sdsweep.eval.sampling import Sample, generate, read_prompts
+from sdsweep.eval.sampling import Sample, generate, read_prompts, sampling_batch
 from sdsweep.eval.scorer import Scorer
 from sdsweep.io import atomic_dir, atomic_write_json
 from sdsweep.layout import BaseDir, UnreadableRecord
@@ -39,6 +39,7 @@ def base_samples_key(cfg: DictConfig, source: str, device: torch.device, data: s
                      "kid_subsets")},
     }
     info["clip_model"], info["clip_pretrained"] = clip_choice(cfg)  # `auto` as it resolved
+    info["batch_size"] = sampling_batch(cfg)  # a batch's last bits differ: trials pair with base images drawn alike
     return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12], info
 
 
@@ -58,7 +59,8 @@ def ensure_base(cfg: DictConfig, pipe, base: BaseDir, info: dict, scorer: Scorer
         except (UnreadableRecord, OSError, KeyError, TypeError) as e:  # drawn again below, in its place
             log.warning("the base model's samples in %s cannot be read (%s): drawing them again", base.path, e)
     started = time.perf_counter()
-    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype)
+    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype,
+                       sampling_batch(cfg))
     scores, rows = scorer.score(samples, base=None)
     with atomic_dir(base.path) as tmp:
         staged = BaseDir(tmp)

@@ -38,6 +38,7 @@ from sdsweep.eval.sampling import (
     load_saved_adapter,
     pipeline_denoiser,
     read_prompts,
+    sampling_batch,
 )
 from sdsweep.eval.scorer import PREFIX, Scorer
 from sdsweep.io import atomic_dir, atomic_write_json
@@ -84,7 +85,8 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
     base = ensure_base(cfg, pipe, trial.base(key), info, scorer, autocast_dtype)
     base_s, clock = time.perf_counter() - clock, time.perf_counter()
     load_saved_adapter(pipe, trial.adapter, cfg.adapter.kind)
-    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype)
+    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype,
+                       sampling_batch(cfg))
     with atomic_dir(trial.samples) as tmp:
         for s in samples:
             s.image.save(tmp / s.file)

@@ -101,28 +101,45 @@ def load_saved_adapter(pipe, adapter_dir: Path, kind: str) -> None:
         load_adapter(adapter_dir, adaptable_modules(pipe))
 
 
+def sampling_batch(cfg: DictConfig) -> int:
+    """Images drawn per pipeline call: eval.batch_size, or (null) every cell at once for a model built
+    in code (toy, tiny: per-image calls cost 4x on a CPU, their memory is nothing) and 1 for a real one
+    (an SDXL batch at 1024 px with guidance would not fit the 16 GB the training peak was sized for)."""
+    from sdsweep.config.encoders import built_in
+
+    if cfg.eval.batch_size is not None:
+        return int(cfg.eval.batch_size)
+    return len(read_prompts(cfg.eval)) * len(cfg.eval.seeds) if built_in(cfg.model) else 1
+
+
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], e: DictConfig, autocast_dtype: torch.dtype | None) -> list[Sample]:
+def generate(pipe, prompts: list[str], seeds: list[int], e: DictConfig, autocast_dtype: torch.dtype | None,
+             batch_size: int = 1) -> list[Sample]:
     """One image per (prompt, seed), each from its own CPU generator: the same cell of the grid
-    starts from the same noise in every trial and in the base model, on any device."""
+    starts from the same noise in every trial and in the base model, on any device, whatever the
+    batch (diffusers draws each latent of a batch from its own generator)."""
     for module in adaptable_modules(pipe).values():
         module.eval()
     device = pipeline_denoiser(pipe).device
+    cells = [(i, prompt, int(seed)) for i, prompt in enumerate(prompts) for seed in seeds]
     samples = []
-    for i, prompt in enumerate(prompts):
-        for seed in seeds:
-            generator = torch.Generator(device="cpu").manual_seed(int(seed))
-            with autocast(device, autocast_dtype):
-                latents = pipe(prompt, num_inference_steps=e.steps, guidance_scale=e.guidance_scale,
-                               height=e.resolution, width=e.resolution, generator=generator,
-                               output_type="latent").images
-            samples.append(Sample(prompt, int(seed), image_name(i, prompt, seed), decode(pipe, latents, e.vae_tiling)))
+    for start in range(0, len(cells), max(1, batch_size)):
+        batch = cells[start:start + max(1, batch_size)]
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for _, _, seed in batch]
+        with autocast(device, autocast_dtype):
+            latents = pipe([prompt for _, prompt, _ in batch], num_inference_steps=e.steps,
+                           guidance_scale=e.guidance_scale, height=e.resolution, width=e.resolution,
+                           generator=generators, output_type="latent").images
+        images = decode(pipe, latents, e.vae_tiling)
+        samples += [Sample(prompt, seed, image_name(i, prompt, seed), image)
+                    for (i, prompt, seed), image in zip(batch, images)]
     return samples
 
 
-def decode(pipe, latents: torch.Tensor, tiling: bool = False) -> Image.Image:
-    """Decode outside autocast, in the VAE's own dtype (fp32 by default: the SDXL VAE overflows in fp16);
-    with `tiling`, tile by tile (the VAE is shared with training and the next trial: switched back off)."""
+def decode(pipe, latents: torch.Tensor, tiling: bool = False) -> list[Image.Image]:
+    """Decode a batch of latents outside autocast, in the VAE's own dtype (fp32 by default: the SDXL VAE
+    overflows in fp16); with `tiling`, tile by tile (the VAE is shared with training and the next trial:
+    switched back off)."""
     vae = pipe.vae
     if tiling:
         vae.enable_tiling()
@@ -140,14 +157,15 @@ def decode(pipe, latents: torch.Tensor, tiling: bool = False) -> Image.Image:
         # SD3's VAE also shifts its latents (shift_factor); SD1.5/SDXL's have none
         latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     image = vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")
 
 
 def sample_validation(cfg: DictConfig, components, autocast_dtype: torch.dtype | None, out: Path) -> list[Sample]:
     """The eval prompts and seeds sampled with the modules as they are mid-training (adapters included),
     saved into `out`; the modules go back to training mode afterwards."""
     pipe = build_pipeline(components)  # shares the trial's modules, no copy
-    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype)
+    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype,
+                       sampling_batch(cfg))
     for module in components.modules().values():  # generate() put them in eval mode
         module.train(any(p.requires_grad for p in module.parameters()))
     from sdsweep.io import atomic_dir
