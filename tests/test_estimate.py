@@ -209,14 +209,30 @@ def test_a_cell_over_budget_on_cuda_is_pruned_and_the_sweep_goes_on(make_cfg, tm
     assert prune_reason(make_cfg("device=auto", "sweep.vram_budget_gb=0")) is None  # 0: no budget
 
 
-def test_on_a_cpu_the_budget_prunes_nothing_but_the_prediction_is_recorded(make_cfg, tmp_path):
+def test_on_a_cpu_the_budget_prunes_nothing_and_the_prediction_costs_nothing_unless_asked(make_cfg, tmp_path,
+                                                                                          monkeypatch):
     cfg = make_cfg("sweep.vram_budget_gb=0.01", "precision=int8")  # int8: pruned here for its own reason
     assert "CUDA" in prune_reason(cfg) and "vram_budget_gb" not in prune_reason(cfg)
     assert prune_reason(make_cfg("sweep.vram_budget_gb=0.01")) is None
-    run_trial(cfg, tmp_path)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # sweep.estimate=auto (the default): a CPU run has no budget to read a prediction, so none is made
+    from sdsweep.sweep import estimate as E
+
+    traced = []
+    monkeypatch.setattr(E, "_estimate", lambda *a, **k: traced.append(1) or pytest.fail("estimated on a CPU run"))
+    metrics = run_trial(make_cfg("sweep.vram_budget_gb=0.01"), tmp_path / "auto")
+    assert metrics["status"] == "finished" and not traced
+    assert metrics["predicted_peak_vram_gb"] is None and "sweep.estimate=always" in metrics["predicted_vram"]["reason"]
+    assert metrics["estimate_s"] < 0.01
+    monkeypatch.undo()
+    # sweep.estimate=always: recorded on a CPU too (a GPU sweep planned on a laptop)
+    metrics = run_trial(make_cfg("sweep.vram_budget_gb=0.01", "sweep.estimate=always"), tmp_path / "always")
+    assert metrics["status"] == "finished"  # still not pruned: a CPU run
     assert metrics["predicted_peak_vram_gb"] > 0
     assert metrics["predicted_vram"]["trainable_params"] > 0
+    # sweep.estimate=never on CUDA: no prediction, so no budget pruning either
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert prune_reason(make_cfg("device=auto", "sweep.vram_budget_gb=0.5", "sweep.estimate=never")) is None
+    assert prune_reason(make_cfg("device=auto", "sweep.vram_budget_gb=0.5")) is not None
 
 
 def test_an_unreadable_model_gives_no_estimate_and_never_an_error(make_cfg):
@@ -358,7 +374,7 @@ def test_the_estimator_and_training_agree_on_cached_latents(make_cfg, tmp_path, 
     from helpers import write_folder
 
     data = [f"data.path={write_folder(tmp_path / 'data', n=2, size=image_size)}"] if image_size else []
-    cfg = make_cfg(f"cache.dir={tmp_path / 'features'}", *data, *overrides, steps=1)
+    cfg = make_cfg(f"cache.dir={tmp_path / 'features'}", *data, *overrides, "sweep.estimate=always", steps=1)
     run_trial(cfg, tmp_path / "trial")
     metrics = json.loads(TrialDir(tmp_path / "trial").metrics.read_text())
     assert isinstance(metrics["data"]["cache"]["latents"], dict) is trained_on_cached_latents
@@ -376,7 +392,8 @@ def test_a_random_crop_of_images_not_read_yet_is_estimated_live_and_says_so(make
     from helpers import write_folder
 
     folder = write_folder(tmp_path / "data", n=2, size=(64, 64))
-    cfg = make_cfg(f"cache.dir={tmp_path / 'features'}", f"data.path={folder}", "data.crop=random", steps=1)
+    cfg = make_cfg(f"cache.dir={tmp_path / 'features'}", f"data.path={folder}", "data.crop=random",
+                   "sweep.estimate=always", steps=1)
     metrics = run_trial(cfg, tmp_path / "trial")
     assert isinstance(metrics["data"]["cache"]["latents"], dict)  # training: one view per image
     assert metrics["predicted_vram"]["cached_latents"] is False

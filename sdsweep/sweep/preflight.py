@@ -22,8 +22,7 @@ from sdsweep.config.schema import ConfigError
 from sdsweep.config.store import schema_hint, trial_dirname
 from sdsweep.config.validate import validate
 from sdsweep.config.validate import warnings as config_warnings
-from sdsweep.sweep.estimate import estimate_peak
-from sdsweep.sweep.prune import runs_on_cuda
+from sdsweep.sweep.prune import estimate_wanted, planned_estimate, runs_on_cuda
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +174,12 @@ _SAME_NAME = ("would share the trial folder {folder}: a folder name keeps only A
 
 def prediction_table(cells: list[tuple[list[str], DictConfig]]) -> str:
     """Each cell's predicted peak VRAM and whether it fits sweep.vram_budget_gb, as a text table."""
+    cells = [(cell, cfg) for cell, cfg in cells if estimate_wanted(cfg)]
+    if not cells:
+        return "peak VRAM not predicted: a CPU run has no VRAM to budget (sweep.estimate=always predicts it)"
     rows = []
     for cell, cfg in cells:
-        e, budget, cuda = estimate_peak(cfg), cfg.sweep.vram_budget_gb, runs_on_cuda(cfg)
+        e, budget, cuda = planned_estimate(cfg), cfg.sweep.vram_budget_gb, runs_on_cuda(cfg)
         if e.total_gb is None:
             fits = f"unknown: {e.reason}"
         elif not budget:

@@ -11,11 +11,29 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from sdsweep.sweep.estimate import estimate_peak
+from sdsweep.sweep.estimate import Estimate, estimate_peak
 
 
 def runs_on_cuda(cfg: DictConfig) -> bool:
     return torch.cuda.is_available() and cfg.device != "cpu"
+
+
+def estimate_wanted(cfg: DictConfig) -> bool:
+    """Whether this cell's peak VRAM is predicted (sweep.estimate): by default only where it can prune."""
+    return {"always": True, "never": False}.get(cfg.sweep.estimate, runs_on_cuda(cfg))
+
+
+NOT_ESTIMATED = ("not estimated: a CPU run has no VRAM to budget (sweep.estimate=always predicts the peak "
+                 "a CUDA run of this cell would have)")
+
+
+def planned_estimate(cfg: DictConfig) -> Estimate:
+    """estimate_peak(cfg) where sweep.estimate wants one, else an empty estimate that says why: a CPU run
+    pays nothing for a figure no budget reads."""
+    if estimate_wanted(cfg):
+        return estimate_peak(cfg)
+    reason = "not estimated: sweep.estimate=never" if cfg.sweep.estimate == "never" else NOT_ESTIMATED
+    return Estimate(total_gb=None, reason=reason)
 
 
 def prune_reason(cfg: DictConfig) -> str | None:
@@ -68,7 +86,7 @@ def over_budget_reason(cfg: DictConfig) -> str | None:
     Only for trials that will run on CUDA: a CPU trial has no VRAM to exhaust (its prediction is
     still recorded in metrics.json by run_trial)."""
     budget = cfg.sweep.vram_budget_gb
-    if not budget:
+    if not budget or not estimate_wanted(cfg):
         return None
     estimate = estimate_peak(cfg)
     if estimate.fits(budget):

@@ -29,8 +29,7 @@ from sdsweep.layout import TrialDir
 from sdsweep.model import adapters, kept_base
 from sdsweep.model import load as models
 from sdsweep.sweep.early_stop import Stopper
-from sdsweep.sweep.estimate import estimate_peak
-from sdsweep.sweep.prune import prune_reason
+from sdsweep.sweep.prune import planned_estimate, prune_reason
 from sdsweep.sweep.resume import fingerprints, kept_trial
 from sdsweep.train.loop import NonFiniteLoss, train
 from sdsweep.train.meters import MemoryMeter
@@ -72,9 +71,9 @@ def run_trial(
         _clean_leftovers(trial_dir)
     if kept := kept_trial(trial_dir, cfg):
         return _rescored(cfg, trial_dir, kept.metrics) if kept.rescore else _kept_as_is(trial_dir, kept.metrics)
-    # the prediction is recorded for every trial (a CPU run too), before anything is loaded
+    # the prediction is recorded before anything is loaded (on a CPU run only with sweep.estimate=always)
     clock = time.perf_counter()
-    metrics.update(estimate_peak(cfg).metrics())  # computed once per config and process (preflight's too)
+    metrics.update(planned_estimate(cfg).metrics())  # computed once per config and process (preflight's too)
     metrics["estimate_s"] = time.perf_counter() - clock
     if reason := prune_reason(cfg):
         metrics.update(status="pruned", reason=reason)
