@@ -109,8 +109,11 @@ def test_a_truncated_base_json_is_skipped_and_named(sweep, caplog):
         assert leaderboard.main([str(sweep)]) == 0
     problem = f"skipped the base model's record: {record} is truncated (Unterminated string starting at: line 1 column 9)"
     assert problem in caplog.text
-    # no reference row; the two trials are ranked among themselves
-    assert _rows(sweep) == [["adapter=lora", "finished", "1", ""], ["adapter=dora", "finished", "2", ""]]
+    # no reference row: the composite (% better than the base model) has nothing to measure against, so the
+    # trials are listed unranked, each saying why, and nothing of theirs is lost
+    assert _rows(sweep) == [["adapter=dora", "finished", "", ""], ["adapter=lora", "finished", "", ""]]
+    notes = pd.read_csv(sweep / "leaderboard.csv", dtype=str, keep_default_na=False)["note"].tolist()
+    assert notes == [leaderboard.NO_BASE] * 2
     assert "Skipped while reading the folder" in (sweep / "report.html").read_text()
 
 
@@ -118,7 +121,7 @@ def test_a_base_json_without_its_settings_is_skipped_and_named(sweep, caplog):
     record = sweep / "base" / BASE_KEY / "base.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "settings": None}))
     board, _ = build(sweep)
-    assert list(board["config"]) == ["adapter=lora", "adapter=dora"]
+    assert list(board["config"]) == ["adapter=dora", "adapter=lora"] and board["rank"].isna().all()
     assert f'skipped the base model\'s record: {record}: "settings" is missing' in caplog.text
 
 
@@ -216,6 +219,7 @@ def test_a_damaged_base_record_is_drawn_again_not_a_failure_of_every_trial(tmp_p
     drawn = [Sample("a cat", 0, "00_a-cat_seed0.png", Image.new("RGB", (8, 8), (10, 20, 30)))]
     monkeypatch.setattr(base_mod, "generate", lambda *a, **k: drawn)
     monkeypatch.setattr(base_mod, "read_prompts", lambda e: ["a cat"])
+    monkeypatch.setattr(base_mod, "sampling_batch", lambda cfg: 1)
 
     class Scorer:
         def score(self, samples, base):

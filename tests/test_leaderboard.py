@@ -132,12 +132,12 @@ def test_composite_weights_change_the_order(tmp_path):
     by_clip, _ = build(s, {"clip_score": 1.0, "content_cos": 0.0})
     by_content, _ = build(s, {"clip_score": 0.0, "content_cos": 1.0})
     assert by_clip["config"].iloc[1] == "adapter=lora" and by_content["config"].iloc[1] == "adapter=dora"
-    assert by_clip["composite"].iloc[1] == pytest.approx(1.0)  # the best value seen scores 1
-    # by hand: the other weights stay at their defaults (style 0.5, nn 0.5, kid 0.5, gram 0.25, colour 0.25),
-    # where both trials beat the base (norm 1, the base 0; gram and colour are equal everywhere: 1 for all)
-    assert by_clip["composite"].tolist() == pytest.approx([0.5 / 3, 3 / 3, 2 / 3])  # base, lora, dora
-    # content 0.5..1.0: dora's 0.99 scores 1 - 0.01 / 0.5 = 0.98, lora's 0.5 scores 0
-    assert by_content["composite"].tolist() == pytest.approx([1.5 / 3, 2.98 / 3, 2 / 3])  # base, dora, lora
+    # by hand (% better than the base model: clip 25, content 1.0, style 0.5, nn 0.55, kid 0.05): each metric's
+    # gain 100 (value - base) / |base|, distances turned; the other weights stay at their defaults (style 0.5,
+    # nn 0.5, kid 0.5, gram 0.25, colour 0.25) where both trials gain style +60, nn +54.5, kid +80 (gram, colour 0)
+    shared = 0.5 * 60 + 0.5 * 100 * 0.3 / 0.55 + 0.5 * 80
+    assert by_clip["composite"].tolist() == pytest.approx([0.0, (1 * 40 + shared) / 3, (1 * 0 + shared) / 3])
+    assert by_content["composite"].tolist() == pytest.approx([0.0, (1 * -1 + shared) / 3, (1 * -50 + shared) / 3])
 
 
 def test_noise_level_differences_do_not_make_a_ranking(tmp_path):
@@ -165,17 +165,16 @@ def test_pareto_front_and_t4_flag(tmp_path):
 
 
 # The fixture sweep's leaderboard, worked out by hand from its numbers and add_composite's formula:
-# composite = sum_k w_k norm_k / sum_k w_k, norm_k = 1 for the best value seen over the scored rows (the base
-# and the 7 finished, evaluated trials), 0 for the worst. clip_score 20..33 (norm (clip - 20) / 13); content_cos
-# 0.9..1.0, style_centroid 0.5..0.8, style_nn 0.55..0.85, kid 0.05..0.01: every trial has the worst content
-# (0.9) and the best style, nn and kid; gram and colour distances are the same everywhere (norm 1). Weights
-# (multirun.yaml sets clip_score=2): clip 2, content 1, style 0.5, nn 0.5, kid 0.5, gram 0.25, colour 0.25.
+# composite = sum_k w_k gain_k / sum_k w_k, gain_k = 100 (value - base) / |base| (turned for distances) against
+# the base model (clip 25, content 1.0, style 0.5, nn 0.55, kid 0.05, gram 0.5, colour 0.1). Every trial has
+# content 0.9 (-10), style 0.8 (+60), nn 0.85 (+54.5), kid 0.01 (+80), the base's gram and colour (0), and its
+# own clip score (4 (clip - 25)). Weights (multirun.yaml sets clip_score=2): clip 2, content 1, style 0.5,
+# nn 0.5, kid 0.5, gram 0.25, colour 0.25. The base model scores 0.
+SHARED_GAIN = -10 + 0.5 * 60 + 0.5 * 100 * 0.3 / 0.55 + 0.5 * 80
+
+
 def _trial_composite(clip: float, clip_weight: float = 2.0) -> float:
-    return (clip_weight * (clip - 20) / 13 + 0.5 + 0.5 + 0.5 + 0.25 + 0.25) / (clip_weight + 3.0)
-
-
-def _base_composite(clip_weight: float = 2.0) -> float:
-    return (clip_weight * (25 - 20) / 13 + 1.0 + 0.25 + 0.25) / (clip_weight + 3.0)
+    return (clip_weight * 4 * (clip - 25) + SHARED_GAIN) / (clip_weight + 3.0)
 
 
 BOARD_COLUMNS = ["rank", "config", "status", "composite", "composite_std", "pareto", "fits_t4", "n_seeds", "seeds",
@@ -188,12 +187,12 @@ def _g(x: float) -> str:
 
 def _expected_board(clip_weight: float) -> list[list[str]]:
     """BOARD_COLUMNS of the fixture's leaderboard.csv, as written. lora: seeds at clip 31, 32, 33 (composites
-    48/65, 50/65, 52/65 with clip weight 2: mean 50/65, sample std 2/65); dora: 29, 30, 31 (46/65, same std);
+    1.6 apart with clip weight 2: sample std 1.6); dora: 29, 30, 31 (3.2 lower, the same std);
     loha: 20, one seed. Pareto: lora beats dora on composite at less memory and the same time; loha needs the
     least memory. With clip weight 0 the three tie (rank 1 each, listed by name); lora still dominates dora."""
     lora, dora, loha = (sum(_trial_composite(c, clip_weight) for c in clips) / len(clips)
                         for clips in ((31, 32, 33), (29, 30, 31), (20,)))
-    std = _g(clip_weight / 13 / (clip_weight + 3.0))  # seeds 1 clip point apart: composites this far apart
+    std = _g(clip_weight * 4 / (clip_weight + 3.0))  # seeds 1 clip point apart: composites this far apart
     spread_note = "not separated from #1 adapter=lora by more than their seed spread"
     rows = {
         "lora": [_g(lora), std, "True", "True", "3", "0 1 2", "32", ""],
@@ -202,7 +201,7 @@ def _expected_board(clip_weight: float) -> list[list[str]]:
     }
     ranked = [["1", "lora"], ["2", "dora"], ["3", "loha"]] if clip_weight else [["1", "dora"], ["1", "loha"],
                                                                                  ["1", "lora"]]
-    return [["", "base model (no adapter)", "reference", _g(_base_composite(clip_weight)), "", "", "", "", "", "25",
+    return [["", "base model (no adapter)", "reference", "0", "", "", "", "", "", "25",
              "", ""],
             *[[rank, f"adapter={name}", "finished", *rows[name],
                "NonFiniteLoss: loss became nan at step 3" if name == "loha" else ""] for rank, name in ranked],
@@ -296,3 +295,64 @@ def test_any_status_other_than_finished_is_listed_last_with_its_reason(tmp_path)
     assert list(board["status"]) == ["reference", "finished", "interrupted"]
     assert board["reason"].iloc[-1] == "KeyboardInterrupt" and pd.isna(board["rank"].iloc[-1])
     assert per_trial["status"].iloc[-1] == "interrupted"
+
+
+def _cells_trial(sweep: Path, overrides: list[str], clip: list[float], base_clip: list[float] | None = None) -> None:
+    """A trial (or with base_clip, also the base) whose per-image CLIP scores over 12 prompt cells are `clip`."""
+    prompts = [(f"prompt {i}", 0) for i in range(len(clip))]
+    rows = [{"prompt": p, "seed": s, "file": f"{i:02d}.png", "clip_score": c} for i, ((p, s), c) in enumerate(zip(prompts, clip))]
+    m = {**_metrics(clip=sum(clip) / len(clip)), "eval_images": rows}
+    folder = sweep / ",".join(overrides)
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"status": "finished", "overrides": overrides,
+                                                     "choices": {"adapter": "lora"}, "losses": [0.1], **m}))
+    if base_clip is not None:
+        base = sweep / "base" / BASE_KEY
+        base.mkdir(parents=True)
+        rows = [{**r, "clip_score": c} for r, c in zip(rows, base_clip)]
+        (base / "base.json").write_text(json.dumps({
+            "key": BASE_KEY, "settings": {"precision": {"base_dtype": "fp32", "quantize": "none"}},
+            "status": "reference", "eval_images": rows, **_metrics(clip=sum(base_clip) / len(base_clip), content=1.0,
+                                                                     style=0.5, kid=0.05)}))
+
+
+def test_the_composite_is_percent_better_than_the_base_and_does_not_move_when_rows_are_added(tmp_path):
+    s = tmp_path / "sweep"
+    _base(s)
+    _trial(s, ["adapter=lora"], **_metrics(clip=30.0))
+    alone = build(s, {"clip_score": 1.0, "content_cos": 0, "style_centroid_cos": 0, "style_nn_cos": 0, "kid": 0,
+                      "gram_distance": 0, "color_distance": 0})[0].set_index("config")
+    assert alone.loc["base model (no adapter)", "composite"] == 0.0
+    assert alone.loc["adapter=lora", "composite"] == pytest.approx(20.0)  # clip 30 against the base's 25: 20 % better
+    _trial(s, ["adapter=dora"], **_metrics(clip=10.0))  # a far worse row changes nobody else's composite
+    both = build(s, {"clip_score": 1.0, "content_cos": 0, "style_centroid_cos": 0, "style_nn_cos": 0, "kid": 0,
+                     "gram_distance": 0, "color_distance": 0})[0].set_index("config")
+    assert both.loc["adapter=lora", "composite"] == pytest.approx(20.0)
+    assert both.loc["adapter=dora", "composite"] == pytest.approx(-60.0)
+    _trial(s, ["adapter=loha"], **_metrics(clip=0.0, kid=5.0))  # gains are clipped at -100 %
+    clipped = build(s, {"clip_score": 1.0, "kid": 1.0, "content_cos": 0, "style_centroid_cos": 0, "style_nn_cos": 0,
+                        "gram_distance": 0, "color_distance": 0})[0].set_index("config")
+    assert clipped.loc["adapter=loha", "composite"] == pytest.approx(-100.0)
+
+
+def test_a_configuration_within_the_interval_of_the_best_shares_rank_1_and_one_beyond_it_does_not(tmp_path):
+    """Per-cell CLIP scores: `close` is 0.3 points below the best on average with cells that scatter by +-3
+    (its paired difference interval reaches 0); `worse` is 3 points below on every cell (separated)."""
+    s = tmp_path / "sweep"
+    weights = {"clip_score": 1.0, "content_cos": 0, "style_centroid_cos": 0, "style_nn_cos": 0, "kid": 0,
+               "gram_distance": 0, "color_distance": 0}
+    best = [30.0] * 12
+    scatter = [3.0, -3.0] * 6
+    _cells_trial(s, ["adapter=lora"], best, base_clip=[25.0] * 12)
+    _cells_trial(s, ["adapter=dora"], [b - 0.3 + d for b, d in zip(best, scatter)])
+    _cells_trial(s, ["adapter=loha"], [b - 3.0 for b in best])
+    board = build(s, weights)[0].set_index("config")
+    assert board.loc["adapter=lora", "rank"] == 1
+    assert board.loc["adapter=dora", "rank"] == 1 and "tied with #1 adapter=lora" in board.loc["adapter=dora", "note"]
+    low, high = board.loc["adapter=dora", ["composite_vs_best_low", "composite_vs_best_high"]]
+    assert low < 0 < high + 0.5  # reaches the tie band
+    assert board.loc["adapter=loha", "rank"] == 3
+    assert board.loc["adapter=loha", "composite_vs_best"] == pytest.approx(-12.0)  # 3 of 25 points: 12 %
+    assert board.loc["adapter=loha", "composite_vs_best_high"] == pytest.approx(-12.0)  # the same on every cell
+    assert list(board.index[1:]) == ["adapter=lora", "adapter=dora", "adapter=loha"]
+    assert build(s, weights)[0]["composite_vs_best_low"].equals(board.reset_index()["composite_vs_best_low"])

@@ -99,6 +99,73 @@ def versus_base(trials: list[dict], base: dict, metric: str) -> tuple[Interval, 
     return bootstrap(_matrix(per_seed, cells)), bootstrap(_matrix(per_seed, cells, reference))
 
 
+# --- the composite: % better than the base model ------------------------------------------------------
+
+GAIN_LIMIT = 100.0
+"""A metric's gain is clipped to +-100 %: a metric whose base value is near zero cannot decide a ranking alone."""
+COMPOSITE_RESOLUTION = 0.5
+"""Composite points (% of the base model's values) below which two configurations tie whatever the interval."""
+
+
+def gain(value: object, base: object, higher: bool) -> float | None:
+    """How much better than the base model, in % of the base model's value: 100 (value - base) / |base|, the
+    sign flipped for a distance (lower is better), clipped to +-GAIN_LIMIT; None without both numbers."""
+    if not finite(value) or not finite(base):
+        return None
+    if base == 0:
+        return 0.0 if value == base else (GAIN_LIMIT if (value > base) == higher else -GAIN_LIMIT)
+    change = 100.0 * (float(value) - float(base)) / abs(float(base))
+    return float(np.clip(change if higher else -change, -GAIN_LIMIT, GAIN_LIMIT))
+
+
+def composite(values: dict[str, object], base: dict[str, object], weights: dict[str, float],
+              higher: dict[str, bool]) -> float | None:
+    """sum_k w_k gain_k / sum_k w_k over the weighted metrics both rows have; 0 for the base model itself."""
+    total = weight_sum = 0.0
+    for key, up in higher.items():
+        w, g = float(weights.get(key, 0.0)), gain(values.get(key), base.get(key), up)
+        if w and g is not None:
+            total, weight_sum = total + w * g, weight_sum + w
+    return total / weight_sum if weight_sum else None
+
+
+def composite_difference(a: tuple[Configuration, dict, dict], b: tuple[Configuration, dict, dict],
+                         weights: dict[str, float], higher: dict[str, bool], draws: int = DRAWS,
+                         seed: int = SEED) -> Interval | None:
+    """composite(a) - composite(b) with its paired-bootstrap interval. Each side is (configuration, its base
+    model's record, its set-level metric values {metric: value}); the per-image metrics are resampled over the
+    (prompt, seed) cells both sides and their base models share (the same draw for both: paired) and over each
+    side's training seeds; set-level metrics (KID, Gram, colour: one value per set) enter as they are.
+    None when no weighted per-image metric has shared cells."""
+    rng = np.random.default_rng(seed)
+    per_image = [m for m in PER_IMAGE if float(weights.get(m, 0.0))]
+    scores = {m: [[cell_scores(r, m) for r in side[0].records] for side in (a, b)] for m in per_image}
+    shared = [set.intersection(*(set(s) for s in scores[m][0] + scores[m][1]),
+                               set(cell_scores(a[1], m)), set(cell_scores(b[1], m))) for m in per_image]
+    cells = sorted(set.intersection(*shared)) if shared else []
+    if not cells:
+        return None
+    picks = rng.integers(0, len(cells), size=(draws, len(cells)))
+    sides = []
+    for i, (config, base, set_level) in enumerate((a, b)):
+        n = len(config.records)
+        seeds = rng.integers(0, n, size=(draws, n)) if n > 1 else np.zeros((draws, 1), dtype=int)
+        drawn = {m: np.nanmean(_matrix(scores[m][i], cells)[seeds[:, :, None], picks[:, None, :]].reshape(draws, -1),
+                               axis=1) for m in per_image}
+        full = {m: float(np.nanmean(_matrix(scores[m][i], cells))) for m in per_image}
+        base_values = {m: base.get(f"eval/{m}") for m in higher}
+        point = composite({**set_level, **full}, base_values, weights, higher)
+        each = [composite({**set_level, **{m: drawn[m][d] for m in per_image}}, base_values, weights, higher)
+                for d in range(draws)]
+        sides.append((point, np.array(each, dtype=np.float64)))
+    (pa, da), (pb, db) = sides
+    if pa is None or pb is None:
+        return None
+    tail = (1 - LEVEL) / 2 * 100
+    low, high = np.percentile(da - db, [tail, 100 - tail])
+    return Interval(pa - pb, float(low), float(high))
+
+
 # --- axis effects ----------------------------------------------------------------------------------
 
 

@@ -7,8 +7,9 @@ same code at the end of every multirun. Rows:
 * the base model (no adapter), first: the reference every trial is measured against, unranked;
 * one row per configuration (the overrides minus `seed=`); with several seeds per configuration
   each figure is the mean over the seeds that finished, with its standard deviation in `<key>_std`;
-* ranked by the composite score (ties share a rank); a note where two configurations are not
-  separated by more than their seed spread (std_a + std_b);
+* ranked by the composite score; a configuration whose composite is not separated from the best one's
+  (paired-bootstrap interval of the difference, see add_ties) shares rank 1, and a note where two
+  configurations are not separated by more than their seed spread (std_a + std_b);
 * finished trials whose evaluation failed next, unranked, with `eval_error`; failed trials last,
   among them each trial whose metrics.json is damaged (not JSON, not an object, a field of the wrong
   type), named by its folder with what is wrong. A damaged base.json is skipped and said so.
@@ -18,11 +19,11 @@ the base model come with 95 % paired-bootstrap intervals over the (prompt, seed)
 seeds); `versus_base` names the metrics whose difference is separated. effects.csv holds every axis's
 main effects.
 
-Composite score: each metric is scaled over the finished trials and the base model, 1 for the
-best value seen (the highest, or for distances the lowest) and 0 for the worst, by a spread of at
-least 5% of the metric's magnitude (smaller differences are noise, not a ranking); then the
-weighted mean over the metrics a row has, weights `eval.score_weights`. It is relative to the
-rows of this sweep: compare raw metrics, not composites, across sweeps.
+Composite score: % better than the base model. Each weighted metric's gain is 100 (value - base) / |base|
+(the sign flipped for distances, clipped to +-100), and the composite is their weighted mean, weights
+`eval.score_weights` (board/effects.py: composite). The base model scores 0, a trial that changes nothing
+about 0, one that is 20 % better on average +20. It does not depend on the other rows, so it can be compared
+across sweeps that share the base model, prompts and encoders.
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ from sdsweep.board.effects import (
     Configuration,
     Interval,
     axis_effects,
+    composite,
+    composite_difference,
     effects_rows,
     findings,
     finite,
     parse_overrides,
     versus_base,
 )
+from sdsweep.board.effects import COMPOSITE_RESOLUTION
 from sdsweep.board.effects import RESOLUTION as METRIC_RESOLUTION
 from sdsweep.board.effects import RESOURCES as EFFECT_RESOURCES
 from sdsweep.board.record import Leaderboard, RowSource
@@ -75,9 +79,10 @@ RESOURCES = ["trainable_params", "adapter_mb", "predicted_vram_gb", "peak_vram_m
              "train_s", "wall_s", "eval_s", "final_loss"]
 NUMERIC = ["composite", *METRICS, "eval/kid_subset_std", *RESOURCES]
 WITH_STD = [k for k in NUMERIC if k != "eval/kid_subset_std"]  # over seeds
-RESOLUTION = 0.05  # differences below 5% of a metric's magnitude count as ties in the composite
 T4_VRAM_MB = 15360  # a T4's 16 GB as CUDA reports it (15 GiB usable)
 BASE_LABEL = "base model (no adapter)"
+NO_BASE = ("unranked: no base model record to measure the composite against (python -m sdsweep.eval TRIAL_DIR "
+           "draws the base model's images again)")
 UNREADABLE = "(unreadable)"  # the label of a trial whose metrics.json could not be read, after its folder's name
 
 
@@ -253,35 +258,23 @@ def base_rows(sweep_dir: Path, trials: list[dict], problems: list[str] | None = 
 # --- scores --------------------------------------------------------------------------------------
 
 
-def add_composite(rows: list[dict], weights: dict[str, float]) -> None:
-    """composite = sum_k w_k * norm_k / sum_k w_k over the metrics a row has.
+HIGHER = {k.removeprefix("eval/"): up for k, up in METRICS.items()}  # bare metric name -> higher is better
 
-    norm_k = (value - worst) / spread, 1 for the best value seen and 0 for the worst, where the
-    spread is the range over the scored rows but never less than RESOLUTION x the largest |value|:
-    differences below that are noise (a 3-step LoRA moves CLIP cosines by 1e-6), and plain
-    min-max scaling would blow them up into a full-range ranking.
-    """
-    pool = [r for r in rows if r["scored"]]
-    bounds = {}
-    for key in METRICS:
-        values = [r[key] for r in pool if finite(r.get(key))]
-        if values:
-            spread = max(max(values) - min(values), RESOLUTION * max(abs(v) for v in values))
-            bounds[key] = (min(values), max(values), spread)
+
+def _bare(row: dict) -> dict[str, Any]:
+    return {k.removeprefix("eval/"): row.get(k) for k in METRICS}
+
+
+def add_composite(rows: list[dict], weights: dict[str, float]) -> None:
+    """composite = how much better than the base model, in % (board/effects.py: composite, gain):
+    sum_k w_k gain_k / sum_k w_k with gain_k = 100 (value_k - base_k) / |base_k|, the sign flipped for a
+    distance, clipped to +-100, over the weighted metrics a row and its base model (the one it was scored
+    against: eval/base_key) both have. The base model scores 0; a trial without a base record has none.
+    Unlike a min-max over the rows, it does not move when a row is added: +20 means 20 % better on average."""
+    bases = {r["eval_base_key"]: r for r in rows if r["status"] == "reference" and r.get("eval_base_key")}
     for r in rows:
-        total = weight_sum = 0.0
-        for key, higher in METRICS.items():
-            w = float(weights.get(key.removeprefix("eval/"), 0.0))
-            if not w or key not in bounds or not r["scored"] or not finite(r.get(key)):
-                continue
-            lo, hi, spread = bounds[key]
-            if spread > 0:
-                norm = 1 - (hi - r[key]) / spread if higher else 1 - (r[key] - lo) / spread
-            else:
-                norm = 1.0  # every row has the same value: all are the best seen
-            total += w * norm
-            weight_sum += w
-        r["composite"] = total / weight_sum if weight_sum else None
+        base = bases.get(r.get("eval_base_key")) if r["scored"] else None
+        r["composite"] = composite(_bare(r), _bare(base), weights, HIGHER) if base else None
 
 
 def aggregate(rows: list[dict]) -> pd.DataFrame:
@@ -338,11 +331,22 @@ def rank(board: pd.DataFrame) -> pd.DataFrame:
     board["fits_t4"] = pd.Series([pd.NA if pd.isna(v) else bool(v <= T4_VRAM_MB) for v in vram],
                                  index=board.index, dtype="boolean")
     _spread_notes(board, idx)
+    unmeasured = (board["status"] == "finished") & board["scored"] & board["composite"].isna()
+    board.loc[unmeasured, "note"] = [("; ".join(n for n in (note, NO_BASE) if n)) for note in board.loc[unmeasured, "note"]]
+    return _ordered(board)
+
+
+def _ordered(board: pd.DataFrame) -> pd.DataFrame:
+    """The base model first, then ranked configurations (by rank, then composite), unscored ones, failures."""
+    rankable = board["rank"].notna()
     order = {"reference": 0, "finished": 1, "failed": 3}
+    board = board.copy()
     board["_group"] = [order.get(s, 3) + (1 if s == "finished" and not r else 0)
                        for s, r in zip(board["status"], rankable)]
     board["_rank"] = board["rank"].astype("Float64").fillna(float("inf"))
-    board = board.sort_values(["_group", "_rank", "config"], kind="stable").drop(columns=["_group", "_rank"])
+    board["_composite"] = -board["composite"].astype("Float64").fillna(float("-inf"))
+    board = board.sort_values(["_group", "_rank", "_composite", "config"], kind="stable").drop(
+        columns=["_group", "_rank", "_composite"])
     return board.reset_index(drop=True)
 
 
@@ -418,6 +422,7 @@ def collect(sweep_dir: Path, weights: dict[str, float] | None = None) -> Leaderb
     board = board[ordered]
     configurations = finished_configurations(rows, sources)
     board = add_intervals(board, configurations, sources)
+    board = add_ties(board, configurations, sources, weights)
 
     per_trial = pd.DataFrame(rows).drop(columns=["scored"])
     per_trial.insert(1, "config", per_trial["config_key"].map(labels))
@@ -501,6 +506,49 @@ def add_intervals(board: pd.DataFrame, configurations: dict[str, Configuration],
     return board
 
 
+SET_LEVEL = [k.removeprefix("eval/") for k in METRICS if k.removeprefix("eval/") not in PER_IMAGE]
+
+
+def add_ties(board: pd.DataFrame, configurations: dict[str, Configuration], sources: dict[str, RowSource],
+             weights: dict[str, float]) -> pd.DataFrame:
+    """Configurations not separable from the best share rank 1: the best's composite minus theirs, with its
+    paired-bootstrap interval (effects.composite_difference), goes to `composite_vs_best[_low|_high]`; where
+    the interval reaches below COMPOSITE_RESOLUTION composite points (or there is no interval and the
+    difference itself is below it), the two are tied and the note says so."""
+    board = board.copy()
+    for column in ("composite_vs_best", "composite_vs_best_low", "composite_vs_best_high"):
+        board[column] = pd.Series(pd.NA, index=board.index, dtype="Float64")
+    ranked = board[board["rank"].notna()]
+    if ranked.empty:
+        return board
+    bases = {src.record.get("key"): src.record for name, src in sources.items() if name.startswith("base/")}
+    best = ranked.iloc[0]
+
+    def side(row):
+        config, base = configurations.get(row["config_key"]), bases.get(row["eval_base_key"])
+        return (config, base, {m: row[f"eval/{m}"] for m in SET_LEVEL}) if config and base else None
+
+    best_side = side(best)
+    for i, row in ranked.iloc[1:].iterrows():
+        difference = best["composite"] - row["composite"]
+        this = side(row)
+        interval = composite_difference(best_side, this, weights, HIGHER) if best_side and this else None
+        if interval is not None:
+            board.loc[i, ["composite_vs_best", "composite_vs_best_low", "composite_vs_best_high"]] = \
+                [-interval.mean, -interval.high, -interval.low]
+            tied = interval.low <= COMPOSITE_RESOLUTION
+        else:
+            board.at[i, "composite_vs_best"] = -difference
+            tied = difference <= COMPOSITE_RESOLUTION
+        if tied and row["rank"] != 1:  # an equal composite has rank 1 already and needs no words
+            board.at[i, "rank"] = 1
+            words = (f"tied with #1 {best['config']}: composite {-interval.mean:+.1f} "
+                     f"[{-interval.high:+.1f}, {-interval.low:+.1f}]" if interval is not None
+                     else f"tied with #1 {best['config']}: composite {-difference:+.2f}")
+            board.at[i, "note"] = "; ".join(n for n in (board.at[i, "note"], words) if n)
+    return _ordered(board)
+
+
 # --- outputs -----------------------------------------------------------------------------------------
 
 
@@ -515,7 +563,7 @@ def table(board: pd.DataFrame) -> str:
 
     lines = []
     for _, r in board.iterrows():
-        comp = fmt(r["composite"], ".3f") + (f"±{r['composite_std']:.3f}" if finite(r["composite_std"]) else "")
+        comp = fmt(r["composite"], "+.1f") + (f"±{r['composite_std']:.1f}" if finite(r["composite_std"]) else "")
         memory = r["peak_vram_mb"] if finite(r["peak_vram_mb"]) else r["peak_memory_mb"]
         lines.append({
             "rank": fmt(r["rank"], "d") if not pd.isna(r["rank"]) else "-", "config": str(r["config"])[:48],
@@ -564,7 +612,7 @@ def write_all(sweep_dir: Path, weights: dict[str, float] | None = None, tracking
         said = findings(result.effects)
         effects_text = ("\naxis effects (mean difference, 95 % interval over the prompt x seed cells):\n  "
                         + "\n  ".join(said) + f"\n-> {sweep.effects}") if said else ""
-        text = (f"\nleaderboard of {sweep.path} (composite: higher is better; * Pareto-optimal)\n"
+        text = (f"\nleaderboard of {sweep.path} (composite: % better than the base model; * Pareto-optimal)\n"
                 f"{table(result.board)}\n-> {sweep.leaderboard}{effects_text}\n-> {sweep.report}")
     for path, data in outputs.items():
         atomic_write_bytes(path, data)

@@ -105,7 +105,7 @@ def _grid(per_trial: pd.DataFrame, sources: dict[str, RowSource]) -> str:
 
 # --- the table ------------------------------------------------------------------------------------
 
-TABLE = [("rank", "rank", "d"), ("config", "configuration", ""), ("composite", "composite", ".3f"),
+TABLE = [("rank", "rank", "d"), ("config", "configuration", ""), ("composite", "composite %", "+.1f"),
          ("eval/clip_score", "CLIP score", ".2f"), ("eval/content_cos", "content", ".3f"),
          ("eval/style_centroid_cos", "style (centroid)", ".3f"), ("eval/style_nn_cos", "style (nearest)", ".3f"),
          ("eval/kid", "KID", ".4f"), ("eval/gram_distance", "Gram dist.", ".3f"),
@@ -127,10 +127,14 @@ def _table(board: pd.DataFrame) -> str:
             text = _num(value, spec) if spec else ("" if value is None or pd.isna(value) else _e(value))
             std = r.get(f"{key}_std")
             if (key == "composite" or key.startswith("eval/")) and std is not None and not pd.isna(std):
-                text += f"<small> ±{_num(std, spec)}</small>"
+                text += f"<small> ±{_num(std, spec.replace('+', ''))}</small>"
             low, high = r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
             if low is not None and high is not None and not pd.isna(low) and not pd.isna(high):
                 text += f"<br><small>[{_num(low, spec)}, {_num(high, spec)}]</small>"
+            if key == "composite" and not pd.isna(r.get("composite_vs_best_low", pd.NA)):
+                text += (f"<br><small>vs #1 {_num(r['composite_vs_best'], '+.1f')} "
+                         f"[{_num(r['composite_vs_best_low'], '+.1f')}, {_num(r['composite_vs_best_high'], '+.1f')}]"
+                         "</small>")
             if key in ("pareto", "fits_t4") and text:
                 text = {"True": "yes", "False": "no"}.get(text, text)
             cells.append(f"<td>{text}</td>")
@@ -365,9 +369,11 @@ written {datetime.now():%Y-%m-%d %H:%M} · rebuild with <code>python -m sdsweep.
 <h2>Images: one row per trial, the base model first; one column per prompt and seed</h2>
 {_grid(per_trial, sources)}
 <h2>Leaderboard</h2>
-<div class=sub>composite: weighted mean of the metrics scaled over this sweep (1 = best value seen, 0 = worst;
-differences under 5% of a metric's size count as ties);
-± is the standard deviation over seeds; Pareto: not beaten on score, peak memory and training time at once.</div>
+<div class=sub>composite: % better than the base model, the weighted mean of each metric's change from the base
+model's value (100 &times; (value &minus; base) / |base|, distances turned so that + is better, each clipped to &plusmn;100);
+the base model is 0. Rank 1 is shared by every configuration whose composite is not separated from the best one's
+(paired bootstrap, 95 %, and at least 0.5 points); ± is the standard deviation over seeds;
+Pareto: not beaten on score, peak memory and training time at once.</div>
 {_table(board)}
 <div class=sub>[a, b]: 95 % bootstrap interval over the prompt x seed cells (and training seeds). vs base model: the
 metrics whose difference from the base model's images of the same prompts and seeds is separated (its interval
