@@ -41,6 +41,7 @@ import pandas as pd
 
 from sdsweep.board import report
 from sdsweep.board.effects import (
+    COMPOSITE_RESOLUTION,
     EFFECT_COLUMNS,
     PER_IMAGE,
     Configuration,
@@ -54,7 +55,6 @@ from sdsweep.board.effects import (
     parse_overrides,
     versus_base,
 )
-from sdsweep.board.effects import COMPOSITE_RESOLUTION
 from sdsweep.board.effects import RESOLUTION as METRIC_RESOLUTION
 from sdsweep.board.effects import RESOURCES as EFFECT_RESOURCES
 from sdsweep.board.record import Leaderboard, RowSource
