@@ -153,8 +153,9 @@ def test_a_bad_weight_is_a_usage_error_naming_the_flag_and_the_form(sweep, capsy
 
 
 def test_all_weights_zero_is_a_usage_error(sweep, capsys):
-    zero = [a for k in ("clip_score", "content_cos", "style_centroid_cos", "style_nn_cos", "kid", "gram_distance",
-                        "color_distance") for a in ("--weight", f"{k}=0")]
+    from sdsweep.config.schema import SCORE_KEYS
+
+    zero = [a for k in SCORE_KEYS for a in ("--weight", f"{k}=0")]
     with pytest.raises(SystemExit) as exit_:
         leaderboard.main([str(sweep), *zero])
     assert exit_.value.code == 2 and "--weight: every composite weight is 0" in capsys.readouterr().err

@@ -34,12 +34,12 @@ LEVEL = 0.95
 SEED = 0
 # the per-image metrics of eval_images (eval/scorer.py), and whether higher is better
 PER_IMAGE: dict[str, bool] = {"clip_score": True, "content_cos": True, "style_centroid_cos": True,
-                              "style_nn_cos": True}
+                              "style_nn_cos": True, "clip_i": True, "dino_cos": True}
 # The smallest difference that counts: below it two configurations tie whatever the interval says. A
 # learning rate of 1e-12 changes a few pixels by 1/255, which moves a cosine by ~1e-7 on every image
 # alike: a "significant" difference no person could see. Cosines by 0.001, the CLIP score (0-100) by 0.1.
 RESOLUTION: dict[str, float] = {"clip_score": 0.1, "content_cos": 1e-3, "style_centroid_cos": 1e-3,
-                                "style_nn_cos": 1e-3}
+                                "style_nn_cos": 1e-3, "clip_i": 1e-3, "dino_cos": 1e-3}
 # resource -> (column of the leaderboard row, how to say it)
 RESOURCES = {"peak_memory_mb": "peak memory MB", "it_per_s": "it/s", "adapter_mb": "adapter MB",
              "train_s": "train s"}
@@ -138,11 +138,12 @@ def composite_difference(a: tuple[Configuration, dict, dict], b: tuple[Configura
     side's training seeds; set-level metrics (KID, Gram, colour: one value per set) enter as they are.
     None when no weighted per-image metric has shared cells."""
     rng = np.random.default_rng(seed)
-    per_image = [m for m in PER_IMAGE if float(weights.get(m, 0.0))]
-    scores = {m: [[cell_scores(r, m) for r in side[0].records] for side in (a, b)] for m in per_image}
-    shared = [set.intersection(*(set(s) for s in scores[m][0] + scores[m][1]),
-                               set(cell_scores(a[1], m)), set(cell_scores(b[1], m))) for m in per_image]
-    cells = sorted(set.intersection(*shared)) if shared else []
+    scores = {m: [[cell_scores(r, m) for r in side[0].records] for side in (a, b)]
+              for m in PER_IMAGE if float(weights.get(m, 0.0))}
+    shared = {m: set.intersection(*(set(s) for s in scores[m][0] + scores[m][1]),
+                                  set(cell_scores(a[1], m)), set(cell_scores(b[1], m))) for m in scores}
+    per_image = [m for m in scores if shared[m]]  # a metric no record has per image (DINO off) drops out
+    cells = sorted(set.intersection(*(shared[m] for m in per_image))) if per_image else []
     if not cells:
         return None
     picks = rng.integers(0, len(cells), size=(draws, len(cells)))

@@ -74,6 +74,11 @@ METRICS: dict[str, bool] = {
     "eval/kid": False,
     "eval/gram_distance": False,
     "eval/color_distance": False,
+    "eval/clip_i": True,
+    "eval/clip_centroid_distance": False,
+    "eval/dino_cos": True,
+    "eval/dino_centroid_distance": False,
+    "eval/vendi": True,  # more diverse; weight 0 by default: diversity is reported, not judged
 }
 RESOURCES = ["trainable_params", "adapter_mb", "predicted_vram_gb", "peak_vram_mb", "peak_memory_mb", "it_per_s",
              "train_s", "wall_s", "eval_s", "final_loss"]
@@ -198,6 +203,12 @@ def unreadable_row(trial: TrialDir, reason: str) -> dict[str, Any]:
     return row
 
 
+def scored_by(record: dict) -> str | None:
+    """The encoders that scored a record: "ViT-L-14/openai, DINO facebook/dinov2-base"."""
+    names = [record.get("eval/clip_model"), record.get("eval/dino_model") and f"DINO {record['eval/dino_model']}"]
+    return ", ".join(n for n in names if n) or None
+
+
 def trial_row(trial: TrialDir, m: dict) -> dict[str, Any]:
     if m.get("unreadable"):
         return unreadable_row(trial, m["reason"])
@@ -214,7 +225,7 @@ def trial_row(trial: TrialDir, m: dict) -> dict[str, Any]:
     row.update({k: m.get(k) for k in METRICS})
     row["eval/kid_subset_std"] = m.get("eval/kid_std")  # spread over KID's subsets (not over seeds)
     row["eval_base_key"] = m.get("eval/base_key")
-    row["scored_by"] = m.get("eval/clip_model")
+    row["scored_by"] = scored_by(m)
     row["status"] = m.get("status", "failed")
     row["reason"] = m.get("reason") or m.get("eval_error") or ""
     row["scored"] = row["status"] == "finished" and any(m.get(k) is not None for k in METRICS)
@@ -245,7 +256,7 @@ def base_rows(sweep_dir: Path, trials: list[dict], problems: list[str] | None = 
         row.update(adapter="none", overrides="", trainable_params=0, adapter_mb=0.0, eval_base_key=b["key"],
                    status="reference", reason="", scored=True, eval_s=b.get("eval_s"))
         row.update({k: b.get(k) for k in METRICS})
-        row["scored_by"] = b.get("eval/clip_model")
+        row["scored_by"] = scored_by(b)
         row["eval/kid_subset_std"] = b.get("eval/kid_std")
         rows[b["key"]] = row
         if sources is not None:

@@ -17,6 +17,8 @@ from sdsweep.config.schema import TINY_CLIP, TOY_CLIP
 
 AUTO = "auto"
 REAL_CLIP = ("ViT-L-14", "openai")
+REAL_DINO = "facebook/dinov2-base"
+NO_DINO = ("none", "null", "")
 STAND_INS = (TINY_CLIP, TOY_CLIP)
 
 
@@ -46,3 +48,15 @@ def stand_in_problem(cfg: Any) -> str | None:
             "~1.7 GB downloaded once) or eval=clip, or eval.clip_model=... eval.clip_pretrained=... for another "
             "open_clip model; eval.allow_stand_in=true scores with it anyway (every leaderboard row then names "
             "the encoder)")
+
+
+def dino_choice(cfg: Any) -> str | None:
+    """eval.dino_model with `auto` resolved: DINOv2-base for a real model, none for a model built in code
+    (its images are not photographs: the toy CLIP judges the toy world); None when DINO is off."""
+    e = cfg.eval
+    if "dino" not in e.metrics or not e.enabled:
+        return None
+    name = e.dino_model
+    if name == AUTO:
+        return None if built_in(cfg.model) else REAL_DINO
+    return None if name is None or str(name).lower() in NO_DINO else str(name)

@@ -157,11 +157,11 @@ class DataConfig:
     num_workers: int = 0
 
 
-EVAL_METRICS = ("clip_score", "style", "kid", "random_style", "content")
-CLIP_METRICS = ("clip_score", "style", "kid", "content")
+EVAL_METRICS = ("clip_score", "style", "kid", "random_style", "content", "fidelity", "diversity", "dino")
+CLIP_METRICS = ("clip_score", "style", "kid", "content", "fidelity", "diversity")
 # each weight's key: a metric column of the leaderboard, without its "eval/" prefix
 SCORE_KEYS = ("clip_score", "content_cos", "style_centroid_cos", "style_nn_cos", "kid", "gram_distance",
-              "color_distance")
+              "color_distance", "clip_i", "clip_centroid_distance", "dino_cos", "dino_centroid_distance", "vendi")
 TINY_CLIP = "tiny"
 TOY_CLIP = "toy"
 
@@ -194,7 +194,17 @@ class EvalConfig:
     """Images drawn per pipeline call; null: every prompt x seed at once for a model built in code
     (toy, tiny), 1 for a real model (eval/sampling.py:sampling_batch)."""
     metrics: list[str] = field(default_factory=lambda: list(EVAL_METRICS))
-    """Any of clip_score, style, kid, random_style, content. random_style alone needs no CLIP weights."""
+    """Any of clip_score, style, kid, random_style, content, fidelity (CLIP-I, CLIP centroid distance),
+    diversity (Vendi score), dino (DINO fidelity: eval.dino_model). random_style alone needs no weights."""
+    trigger: str | None = None
+    """The trigger word of the training captions (e.g. `sks`); with trigger_description, CLIP-T reads the
+    prompt with the trigger replaced by the description (a made-up word means nothing to CLIP)."""
+    trigger_description: str | None = None
+    """What the trigger stands for in words (`a watercolour painting`), put in its place on the text side."""
+    dino_model: str = "auto"
+    """DINOv2 for fidelity (eval/dino.py): `auto` = facebook/dinov2-base (86 M parameters, ~350 MB downloaded
+    once) for a real model and none for the models built in code (the toy world has no DINO); a hub id, a
+    local folder (save_pretrained), or `none`."""
     clip_model: str = "auto"
     """`auto`: follows the model (config/encoders.py): the toy CLIP for model=toy-sdxl, the random stand-in for
     the random tiny models, ViT-L-14/openai for every real model. Or an open_clip architecture (ViT-L-14,
@@ -210,10 +220,12 @@ class EvalConfig:
     """Random subsets KID averages over (each of min(#generated, #reference) images)."""
     score_weights: dict[str, float] = field(
         default_factory=lambda: {"clip_score": 1.0, "content_cos": 1.0, "style_centroid_cos": 0.5,
-                                 "style_nn_cos": 0.5, "kid": 0.5, "gram_distance": 0.25, "color_distance": 0.25}
+                                 "style_nn_cos": 0.5, "kid": 0.5, "gram_distance": 0.25, "color_distance": 0.25,
+                                 "clip_i": 0.0, "clip_centroid_distance": 0.0, "dino_cos": 0.5,
+                                 "dino_centroid_distance": 0.0, "vendi": 0.0}
     )
-    """Weights of the leaderboard's composite score: a weighted mean of each metric scaled over the sweep
-    (1 = best value seen, 0 = worst); 0 leaves a metric out."""
+    """Weights of the leaderboard's composite score (% better than the base model): a weighted mean of each
+    metric's gain over the base model's value; 0 leaves a metric out."""
 
 
 @dataclass

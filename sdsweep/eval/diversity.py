@@ -51,6 +51,15 @@ def centroid_distance(gen_emb: torch.Tensor, ref_emb: torch.Tensor) -> float:
     return float(((g.mean(0) - r.mean(0)) ** 2).sum())
 
 
+def mean_cosine_per_image(gen_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+    """Per generated image, its mean cosine to every reference image (mean_cosine is their mean): the
+    per-image rows the leaderboard's intervals resample."""
+    g, r = _unit(gen_emb, "gen_emb"), _unit(ref_emb, "ref_emb")
+    if g.shape[1] != r.shape[1]:
+        raise ValueError(f"embedding widths differ: {g.shape[1]} vs {r.shape[1]}")
+    return (g @ r.T).mean(dim=1)
+
+
 def mean_cosine(gen_emb: torch.Tensor, ref_emb: torch.Tensor) -> float:
     """CLIP-I / DINO fidelity as DreamBooth (arXiv:2208.12242) reports it: the average pairwise cosine
     similarity between generated and real images, i.e. over generated images of the mean cosine to every

@@ -9,10 +9,11 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from sdsweep.config.encoders import clip_choice
+from sdsweep.config.encoders import clip_choice, dino_choice
 from sdsweep.config.schema import CLIP_METRICS
 from sdsweep.data.dataset import DataSource, resolve_source
 from sdsweep.data.folder import decode_image
+from sdsweep.eval import diversity as D
 from sdsweep.eval import metrics as M
 from sdsweep.eval.sampling import Sample
 
@@ -39,11 +40,20 @@ class Scorer:
     def __init__(self, cfg: DictConfig, device: torch.device):
         e = cfg.eval
         self.metrics, self.kid_subsets, self.device = set(e.metrics), e.kid_subsets, device
-        self.clip = None
+        self.clip = self.dino = None
         if self.metrics & set(CLIP_METRICS):
             self.clip = M.load_clip(*clip_choice(cfg), cfg.model.cache_dir)
+        if dino_name := dino_choice(cfg):
+            from sdsweep.eval.dino import load_dino
+
+            self.dino = load_dino(dino_name, cfg.model.cache_dir)
+        self.trigger = (e.trigger, e.trigger_description) if e.trigger and e.trigger_description else None
         self.source = resolve_source(cfg.data, cfg.model.cache_dir)  # resolved once: an HF dataset opens here
         self.references = reference_images(cfg, self.source)
+
+    def text_side(self, prompt: str) -> str:
+        """The prompt CLIP-T reads: the trigger word replaced by its description (eval.trigger_description)."""
+        return prompt.replace(*self.trigger) if self.trigger else prompt
 
     @contextmanager
     def _clip_on_device(self):
@@ -71,7 +81,7 @@ class Scorer:
             ref_emb = self.clip.encode_images(self.references, self.device)
             out[f"{PREFIX}clip_model"] = self.clip.name
         if "clip_score" in self.metrics:
-            text = self.clip.encode_texts([s.prompt for s in samples], self.device)
+            text = self.clip.encode_texts([self.text_side(s.prompt) for s in samples], self.device)
             out[f"{PREFIX}clip_score"] = M.clip_score(emb, text)
             for row, value in zip(rows, M.clip_scores(emb, text).tolist()):
                 row["clip_score"] = max(value, 0.0)
@@ -81,6 +91,16 @@ class Scorer:
             for key, values in per_image.items():
                 for row, value in zip(rows, values.tolist()):
                     row[key] = value
+        if "fidelity" in self.metrics:  # CLIP-I (DreamBooth) and the squared centroid distance (LyCORIS)
+            per_image = D.mean_cosine_per_image(emb, ref_emb)
+            out[f"{PREFIX}clip_i"] = float(per_image.mean())
+            out[f"{PREFIX}clip_centroid_distance"] = D.centroid_distance(emb, ref_emb)
+            for row, value in zip(rows, per_image.tolist()):
+                row["clip_i"] = value
+        if "diversity" in self.metrics:
+            out[f"{PREFIX}vendi"] = D.vendi_score(emb)
+        if self.dino is not None:
+            out.update(self._dino(samples, rows))
         if "kid" in self.metrics:
             try:
                 out[f"{PREFIX}kid"], out[f"{PREFIX}kid_std"] = M.kid(emb, ref_emb, self.kid_subsets)
@@ -100,3 +120,13 @@ class Scorer:
             for row, value in zip(rows, cos.tolist()):
                 row["content_cos"] = value
         return out, rows
+
+    def _dino(self, samples: list[Sample], rows: list[dict]) -> dict:
+        """DINO fidelity: each image's mean cosine to the training images' DINOv2 features, their centroid distance."""
+        emb = self.dino.encode_images([s.image for s in samples], self.device)
+        ref = self.dino.encode_images(self.references, self.device)
+        per_image = D.mean_cosine_per_image(emb, ref)
+        for row, value in zip(rows, per_image.tolist()):
+            row["dino_cos"] = value
+        return {f"{PREFIX}dino_cos": float(per_image.mean()), f"{PREFIX}dino_centroid_distance": D.centroid_distance(emb, ref),
+                f"{PREFIX}dino_model": self.dino.name}

@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from sdsweep.config.schema import ConfigError
+from sdsweep.config.schema import CLIP_METRICS, ConfigError
 from sdsweep.config.store import schema_hint, trial_dirname
 from sdsweep.config.validate import validate
 from sdsweep.config.validate import warnings as config_warnings
@@ -60,6 +60,7 @@ def preflight(overrides: list[str]) -> list[str]:
         finally:
             GlobalHydra.instance().clear()
     problems += missing_data_paths(composed)
+    problems += missing_encoder_weights(composed)
     problems += shared_folders(cells)
     if not problems and predictions:
         print(prediction_table(predictions), flush=True)
@@ -136,6 +137,22 @@ def missing_data_paths(configs: list[DictConfig]) -> list[str]:
                         "(metadata.jsonl, metadata.csv or a .txt beside each image), or leave it out for the "
                         "built-in set")
     return problems
+
+
+def missing_encoder_weights(configs: list[DictConfig]) -> list[str]:
+    """The CLIP and DINO weights scoring would load, where they are known not to be there (offline, not in
+    the cache, no such file), once for the whole sweep: every trial would train first and then fail to score.
+    The fixes name the download (size, one command) or a stand-in."""
+    from sdsweep.config.encoders import clip_choice, dino_choice
+    from sdsweep.eval.clip_weights import clip_problem
+    from sdsweep.eval.dino import dino_problem
+
+    scored = [cfg for cfg in configs if cfg.eval.enabled]
+    clips = dict.fromkeys((*clip_choice(cfg), cfg.model.cache_dir) for cfg in scored
+                          if set(cfg.eval.metrics) & set(CLIP_METRICS))
+    dinos = dict.fromkeys((name, cfg.model.cache_dir) for cfg in scored if (name := dino_choice(cfg)))
+    problems = [p for model, pretrained, cache in clips if (p := clip_problem(model, pretrained, cache))]
+    return problems + [p for name, cache in dinos if (p := dino_problem(name, cache))]
 
 
 def shared_folders(cells: list[list[str]]) -> list[str]:

@@ -1,0 +1,91 @@
+"""The field's evaluation protocol, wired into the scorer and the pre-launch checks (issue 15):
+CLIP-I and the squared centroid distance, Vendi diversity, DINO fidelity, CLIP-T with the trigger word
+replaced, and encoder weights that are missing refused before anything trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_real_encoders import dino_folder  # noqa: F401 - the tiny DINOv2 folder fixture
+
+from sdsweep.board.leaderboard import scored_by
+from sdsweep.data import toy_world as world
+from sdsweep.eval import diversity as D
+from sdsweep.eval.sampling import Sample
+from sdsweep.eval.scorer import Scorer
+from sdsweep.sweep.preflight import missing_encoder_weights
+
+CPU = torch.device("cpu")
+
+
+def _samples() -> list[Sample]:
+    items = [("red", "circle"), ("blue", "house"), ("green", "star"), ("yellow", "tree")]
+    return [Sample(f"a {c} {s}, sdsweep style", 0, f"{i:02d}.png", world.render(world.Item(c, s, "sdsweep"), seed=i))
+            for i, (c, s) in enumerate(items)]
+
+
+def test_the_protocol_metrics_are_the_formulas_on_the_scorers_embeddings(make_cfg):
+    cfg = make_cfg("model=tiny-sdxl", evaluate=True)
+    scorer = Scorer(cfg, CPU)
+    samples = _samples()
+    out, rows = scorer.score(samples, base=None)
+    emb = scorer.clip.encode_images([s.image for s in samples], CPU)
+    ref = scorer.clip.encode_images(scorer.references, CPU)
+    assert out["eval/clip_i"] == pytest.approx(D.mean_cosine(emb, ref), rel=1e-6)
+    assert [r["clip_i"] for r in rows] == pytest.approx(D.mean_cosine_per_image(emb, ref).tolist(), rel=1e-6)
+    assert out["eval/clip_centroid_distance"] == pytest.approx(D.centroid_distance(emb, ref), rel=1e-6)
+    assert out["eval/vendi"] == pytest.approx(D.vendi_score(emb), rel=1e-6) and 1 <= out["eval/vendi"] <= 4
+    assert "eval/dino_cos" not in out  # a model built in code has no DINO (dino_model=auto)
+    assert scored_by(out) == out["eval/clip_model"] and out["eval/clip_model"].startswith("tiny")
+
+
+def test_dino_fidelity_scores_with_the_model_eval_dino_model_names(make_cfg, dino_folder):  # noqa: F811
+    cfg = make_cfg("model=tiny-sdxl", f"eval.dino_model={dino_folder}", evaluate=True)
+    scorer = Scorer(cfg, CPU)
+    samples = _samples()
+    out, rows = scorer.score(samples, base=None)
+    emb = scorer.dino.encode_images([s.image for s in samples], CPU)
+    ref = scorer.dino.encode_images(scorer.references, CPU)
+    assert out["eval/dino_cos"] == pytest.approx(D.mean_cosine(emb, ref), rel=1e-6)
+    assert out["eval/dino_centroid_distance"] == pytest.approx(D.centroid_distance(emb, ref), rel=1e-6)
+    assert all("dino_cos" in r for r in rows)
+    assert scored_by(out) == f"{out['eval/clip_model']}, DINO {out['eval/dino_model']}"
+    # metrics without "dino" switch it off whatever dino_model says
+    off = Scorer(make_cfg("model=tiny-sdxl", f"eval.dino_model={dino_folder}", "eval.metrics=[clip_score]",
+                          evaluate=True), CPU)
+    assert off.dino is None
+
+
+def test_clip_t_reads_the_trigger_word_replaced_by_its_description(make_cfg):
+    """On the toy world (its toy CLIP knows the words "sdsweep style")."""
+    plain = Scorer(make_cfg("eval.metrics=[clip_score]", evaluate=True), CPU)
+    cfg = make_cfg("eval.metrics=[clip_score]", "eval.trigger=sdsweep style",
+                   "eval.trigger_description=thick black outlines on dotted paper", evaluate=True)
+    replaced = Scorer(cfg, CPU)
+    assert replaced.text_side("a red circle, sdsweep style") == "a red circle, thick black outlines on dotted paper"
+    assert plain.text_side("a red circle, sdsweep style") == "a red circle, sdsweep style"
+    samples = _samples()
+    a, b = plain.score(samples, None)[0]["eval/clip_score"], replaced.score(samples, None)[0]["eval/clip_score"]
+    assert a != b  # the text side really changed
+    # only with both set: a trigger without a description is read as written
+    alone = Scorer(make_cfg("eval.metrics=[clip_score]", "eval.trigger=sks", evaluate=True), CPU)
+    assert alone.text_side("sks dog") == "sks dog"
+
+
+def test_encoder_weights_that_are_not_there_are_refused_before_launch_with_the_fix(make_cfg, tmp_path, monkeypatch,
+                                                                                   dino_folder):  # noqa: F811
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))  # nothing downloaded
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    real = make_cfg("model=sdxl", evaluate=True)
+    problems = missing_encoder_weights([real, real])  # once per sweep, not once per cell
+    assert len(problems) == 2, problems
+    assert "ViT-L-14" in problems[0] and "eval.clip_pretrained" in problems[0]
+    assert "facebook/dinov2-base" in problems[1] and "eval.dino_model" in problems[1]
+    weights = tmp_path / "vit.safetensors"
+    weights.write_bytes(b"x")
+    ok = make_cfg("model=sdxl", "eval.clip_model=ViT-L-14", f"eval.clip_pretrained={weights}",
+                  f"eval.dino_model={dino_folder}", evaluate=True)
+    assert missing_encoder_weights([ok]) == []
+    assert missing_encoder_weights([make_cfg("model=sdxl", "eval.enabled=false")]) == []
+    assert missing_encoder_weights([make_cfg(evaluate=True)]) == []  # the toy world's own encoders ship
