@@ -89,3 +89,27 @@ def test_encoder_weights_that_are_not_there_are_refused_before_launch_with_the_f
     assert missing_encoder_weights([ok]) == []
     assert missing_encoder_weights([make_cfg("model=sdxl", "eval.enabled=false")]) == []
     assert missing_encoder_weights([make_cfg(evaluate=True)]) == []  # the toy world's own encoders ship
+
+
+def test_training_captions_are_in_distribution_and_every_other_prompt_out_of_it(make_cfg):
+    """On the toy world, whose answers are known: its in-distribution prompts are training captions, its held-out
+    combinations are not; eval.caption_prompts adds training captions (each prompt asked once)."""
+    cfg = make_cfg(f"eval.prompts=['{world.IN_DISTRIBUTION_PROMPTS[0]}','{world.HELD_OUT_PROMPTS[0]}']",
+                   "eval.caption_prompts=3", evaluate=True)
+    scorer = Scorer(cfg, CPU)
+    assert [scorer.split(p) for p in world.IN_DISTRIBUTION_PROMPTS] == ["in"] * len(world.IN_DISTRIBUTION_PROMPTS)
+    assert [scorer.split(p) for p in world.HELD_OUT_PROMPTS] == ["out"] * len(world.HELD_OUT_PROMPTS)
+    captions = [item.caption for item, _ in world.finetune_items()]
+    # 3 captions evenly spaced over the set: the first is the red square already asked, so 2 are new
+    assert scorer.prompts[:2] == list(cfg.eval.prompts) and len(scorer.prompts) == 4
+    assert set(scorer.prompts[2:]) <= set(captions) and len(set(scorer.prompts)) == 4
+    samples = [Sample(p, 0, f"{i:02d}.png", world.render(world.parse_prompt(p), seed=i)) for i, p in enumerate(scorer.prompts)]
+    out, rows = scorer.score(samples, base=None)
+    assert [r["split"] for r in rows] == ["in", "out", "in", "in"]
+    ins = [r["clip_score"] for r in rows if r["split"] == "in"]
+    assert out["eval/in/clip_score"] == pytest.approx(sum(ins) / 3) and out["eval/in/images"] == 3
+    assert out["eval/out/clip_score"] == pytest.approx(rows[1]["clip_score"]) and out["eval/out/images"] == 1
+    # the base record is keyed by the prompts asked, captions included
+    from sdsweep.eval.base import base_samples_key
+
+    assert base_samples_key(cfg, "m", CPU, "d", scorer.prompts)[1]["prompts"] == scorer.prompts

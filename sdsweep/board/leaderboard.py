@@ -80,9 +80,13 @@ METRICS: dict[str, bool] = {
     "eval/dino_centroid_distance": False,
     "eval/vendi": True,  # more diverse; weight 0 by default: diversity is reported, not judged
 }
+# a per-image metric's mean over one prompt set (eval/scorer.py split_means): in distribution (training captions)
+# and out of it (every other prompt), reported apart
+SPLIT_METRICS = [f"eval/{split}/{m}" for split in ("in", "out") for m in ("clip_score", "style_centroid_cos",
+                                                                          "content_cos", "clip_i", "dino_cos")]
 RESOURCES = ["trainable_params", "adapter_mb", "predicted_vram_gb", "peak_vram_mb", "peak_memory_mb", "it_per_s",
              "train_s", "wall_s", "eval_s", "final_loss"]
-NUMERIC = ["composite", *METRICS, "eval/kid_subset_std", *RESOURCES]
+NUMERIC = ["composite", *METRICS, *SPLIT_METRICS, "eval/kid_subset_std", *RESOURCES]
 WITH_STD = [k for k in NUMERIC if k != "eval/kid_subset_std"]  # over seeds
 T4_VRAM_MB = 15360  # a T4's 16 GB as CUDA reports it (15 GiB usable)
 BASE_LABEL = "base model (no adapter)"
@@ -116,7 +120,8 @@ TEXT: Check = (lambda v: isinstance(v, str), "a string")
 NUMBER: Check = (_number, "a number")
 IMAGES: Check = (lambda v: isinstance(v, list) and all(_image_row(r) for r in v),
                  'a list of {"prompt": string, "seed": integer, "file": string}')
-SHARED_FIELDS: dict[str, Check] = {**{k: NUMBER for k in (*METRICS, "eval/kid_std", "eval_s")}, "eval_images": IMAGES}
+SHARED_FIELDS: dict[str, Check] = {**{k: NUMBER for k in (*METRICS, *SPLIT_METRICS, "eval/kid_std", "eval_s")},
+                                   "eval_images": IMAGES}
 TRIAL_FIELDS: dict[str, Check] = {
     **SHARED_FIELDS,
     **{k: TEXT for k in ("status", "reason", "eval_error", "eval/base_key")},
@@ -222,7 +227,7 @@ def trial_row(trial: TrialDir, m: dict) -> dict[str, Any]:
     row["it_per_s"] = m.get("steps_per_s")
     row["predicted_vram_gb"] = m.get("predicted_peak_vram_gb")  # sdsweep/estimate.py, before the trial ran
     row["peak_vram_reserved_mb"] = m.get("peak_vram_reserved_mb")
-    row.update({k: m.get(k) for k in METRICS})
+    row.update({k: m.get(k) for k in (*METRICS, *SPLIT_METRICS)})
     row["eval/kid_subset_std"] = m.get("eval/kid_std")  # spread over KID's subsets (not over seeds)
     row["eval_base_key"] = m.get("eval/base_key")
     row["scored_by"] = scored_by(m)
@@ -255,7 +260,7 @@ def base_rows(sweep_dir: Path, trials: list[dict], problems: list[str] | None = 
         row.update({g: (users[0][g] if users and g in ("model", "data", "eval", "precision") else None) for g in GROUPS})
         row.update(adapter="none", overrides="", trainable_params=0, adapter_mb=0.0, eval_base_key=b["key"],
                    status="reference", reason="", scored=True, eval_s=b.get("eval_s"))
-        row.update({k: b.get(k) for k in METRICS})
+        row.update({k: b.get(k) for k in (*METRICS, *SPLIT_METRICS)})
         row["scored_by"] = scored_by(b)
         row["eval/kid_subset_std"] = b.get("eval/kid_std")
         rows[b["key"]] = row
@@ -442,7 +447,8 @@ def collect(sweep_dir: Path, weights: dict[str, float] | None = None) -> Leaderb
     per_trial["_pos"] = per_trial["config_key"].map(position)
     per_trial["_failed"] = ~per_trial["status"].isin(["finished", "reference"])
     per_trial = per_trial.sort_values(["_failed", "_pos", "seed", "trial"], kind="stable", na_position="last")
-    columns = ["trial", "config", "seed", "config_rank", "status", "composite", *METRICS, "eval/kid_subset_std",
+    columns = ["trial", "config", "seed", "config_rank", "status", "composite", *METRICS, *SPLIT_METRICS,
+               "eval/kid_subset_std",
                *RESOURCES, "peak_vram_reserved_mb", *GROUPS, "overrides", "reason", "config_key", "eval_base_key",
                "scored_by"]
     for problem in problems:

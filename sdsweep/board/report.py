@@ -275,6 +275,31 @@ def _problems(problems: list[str]) -> str:
     return f"<div class=problems><b>Skipped while reading the folder:</b><ul>{items}</ul></div>"
 
 
+SPLIT_TABLE = [("clip_score", "CLIP score", ".2f"), ("style_centroid_cos", "style", ".3f"),
+               ("content_cos", "content", ".3f"), ("clip_i", "CLIP-I", ".3f"), ("dino_cos", "DINO", ".3f")]
+
+
+def _splits(board: pd.DataFrame) -> str:
+    """The per-image metrics over each prompt set: training captions (in distribution) beside every other
+    prompt (out of distribution): the style where it was taught, and where it has to carry over."""
+    shown = [(m, title, spec) for m, title, spec in SPLIT_TABLE
+             if any(f"eval/{split}/{m}" in board and board[f"eval/{split}/{m}"].notna().any() for split in ("in", "out"))]
+    if not shown:
+        return ""
+    head = "<th>configuration</th>" + "".join(f"<th>{_e(t)}<br><small>in / out</small></th>" for _, t, _ in shown)
+    body = []
+    for _, r in board.iterrows():
+        if r["status"] not in ("finished", "reference"):
+            continue
+        cells = "".join(f"<td>{_num(r.get(f'eval/in/{m}'), spec) or '-'} / {_num(r.get(f'eval/out/{m}'), spec) or '-'}</td>"
+                        for m, _, spec in shown)
+        body.append(f"<tr><td>{_e(r['config'])}</td>{cells}</tr>")
+    return ("<h2>In and out of distribution</h2><div class=sub>in: prompts that are training captions "
+            "(eval.prompts among them, and eval.caption_prompts of them); out: every other prompt. "
+            "Set-level metrics (KID, Gram, colour, Vendi) stay over all images.</div>"
+            f"<table><tr>{head}</tr>{''.join(body)}</table>")
+
+
 def _scorers(board: pd.DataFrame) -> str:
     """Which CLIP model scored the rows, named where everyone looks first, with what a stand-in's numbers mean."""
     names = sorted({s for s in board["scored_by"] if isinstance(s, str) and s})
@@ -379,6 +404,7 @@ Pareto: not beaten on score, peak memory and training time at once.</div>
 <div class=sub>[a, b]: 95 % bootstrap interval over the prompt x seed cells (and training seeds). vs base model: the
 metrics whose difference from the base model's images of the same prompts and seeds is separated (its interval
 clears the metric's resolution), + above the base model, - below; tie: none is.</div>
+{_splits(board)}
 {_effects(result.effects)}
 <h2>Charts</h2>
 <div class=charts><div><b>Composite score against peak memory</b> (red: Pareto-optimal over score, memory and

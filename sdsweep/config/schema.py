@@ -196,6 +196,10 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: list(EVAL_METRICS))
     """Any of clip_score, style, kid, random_style, content, fidelity (CLIP-I, CLIP centroid distance),
     diversity (Vendi score), dino (DINO fidelity: eval.dino_model). random_style alone needs no weights."""
+    caption_prompts: int = 0
+    """Training captions (evenly spaced over the set) sampled as prompts besides eval.prompts. Every prompt that
+    is one of the training captions is scored as in distribution (eval/in/...), every other one as out of
+    distribution (eval/out/...): the style on what was trained, and carried over to what was not."""
     trigger: str | None = None
     """The trigger word of the training captions (e.g. `sks`); with trigger_description, CLIP-T reads the
     prompt with the trigger replaced by the description (a made-up word means nothing to CLIP)."""

@@ -228,6 +228,8 @@ def _eval(p: list[str], cfg: Any) -> None:
         p.append(f"eval.resolution={e.resolution}: must be a positive multiple of 8")
     if e.steps < 1:
         p.append(f"eval.steps={e.steps}: must be >= 1")
+    if e.caption_prompts < 0:
+        p.append(f"eval.caption_prompts={e.caption_prompts}: must be >= 0 (training captions added as prompts)")
     if e.batch_size is not None and e.batch_size < 1:
         p.append(f"eval.batch_size={e.batch_size}: must be >= 1, or null (every cell at once for a model built "
                  "in code, 1 for a real model)")
@@ -236,8 +238,9 @@ def _eval(p: list[str], cfg: Any) -> None:
     if e.prompts_file:
         if not os.path.isfile(os.path.expanduser(e.prompts_file)):
             p.append(f"eval.prompts_file={e.prompts_file}: no such file (one prompt per line)")
-    elif not e.prompts:
-        p.append("eval.prompts is empty: list prompts, set eval.prompts_file, or eval.enabled=false")
+    elif not e.prompts and not e.caption_prompts:
+        p.append("eval.prompts is empty: list prompts, set eval.prompts_file or eval.caption_prompts, or "
+                 "eval.enabled=false")
     if not e.seeds:
         p.append("eval.seeds is empty: give at least one seed, e.g. eval.seeds=[0]")
     if e.guidance_scale < 0:

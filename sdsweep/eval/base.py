@@ -24,7 +24,8 @@ from sdsweep.layout import BaseDir, UnreadableRecord
 log = logging.getLogger(__name__)
 
 
-def base_samples_key(cfg: DictConfig, source: str, device: torch.device, data: str) -> tuple[str, dict]:
+def base_samples_key(cfg: DictConfig, source: str, device: torch.device, data: str,
+                     prompts: list[str] | None = None) -> tuple[str, dict]:
     """What the base model's images and scores depend on, and a short hash of it (the folder name).
     `data`: the identity of the trial's data source (DataSource.identity), which the style
     references are drawn from: another data set is another base record."""
@@ -32,7 +33,7 @@ def base_samples_key(cfg: DictConfig, source: str, device: torch.device, data: s
     info = {
         "model": source, "family": m.family, "vae": m.vae, "revision": m.revision, "variant": m.variant,
         "precision": {k: p[k] for k in ("mixed_precision", "base_dtype", "vae_dtype", "quantize")},
-        "device": device.type, "prompts": read_prompts(e),
+        "device": device.type, "prompts": prompts if prompts is not None else read_prompts(e),
         "data": data,
         **{k: OmegaConf.to_container(e[k]) if OmegaConf.is_config(e[k]) else e[k]
            for k in ("seeds", "steps", "guidance_scale", "resolution", "metrics", "max_reference_images",
@@ -59,8 +60,8 @@ def ensure_base(cfg: DictConfig, pipe, base: BaseDir, info: dict, scorer: Scorer
         except (UnreadableRecord, OSError, KeyError, TypeError) as e:  # drawn again below, in its place
             log.warning("the base model's samples in %s cannot be read (%s): drawing them again", base.path, e)
     started = time.perf_counter()
-    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype,
-                       sampling_batch(cfg))
+    prompts = getattr(scorer, "prompts", None) or read_prompts(cfg.eval)  # the scorer's: captions included
+    samples = generate(pipe, prompts, list(cfg.eval.seeds), cfg.eval, autocast_dtype, sampling_batch(cfg))
     scores, rows = scorer.score(samples, base=None)
     with atomic_dir(base.path) as tmp:
         staged = BaseDir(tmp)

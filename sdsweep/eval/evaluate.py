@@ -37,7 +37,6 @@ from sdsweep.eval.sampling import (
     generate,
     load_saved_adapter,
     pipeline_denoiser,
-    read_prompts,
     sampling_batch,
 )
 from sdsweep.eval.scorer import PREFIX, Scorer
@@ -80,13 +79,12 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
     autocast_dtype = autocast_dtype_of(cfg.precision)
     scorer = Scorer(cfg, device)  # before sampling: a CLIP model that cannot load fails in seconds
     pipe.unload_lora_weights()  # the trained layers out: this is the base model now
-    key, info = base_samples_key(cfg, components.source, device, scorer.source.identity)
+    key, info = base_samples_key(cfg, components.source, device, scorer.source.identity, scorer.prompts)
     clock = time.perf_counter()
     base = ensure_base(cfg, pipe, trial.base(key), info, scorer, autocast_dtype)
     base_s, clock = time.perf_counter() - clock, time.perf_counter()
     load_saved_adapter(pipe, trial.adapter, cfg.adapter.kind)
-    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype,
-                       sampling_batch(cfg))
+    samples = generate(pipe, scorer.prompts, list(cfg.eval.seeds), cfg.eval, autocast_dtype, sampling_batch(cfg))
     with atomic_dir(trial.samples) as tmp:
         for s in samples:
             s.image.save(tmp / s.file)

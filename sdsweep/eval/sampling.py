@@ -109,7 +109,8 @@ def sampling_batch(cfg: DictConfig) -> int:
 
     if cfg.eval.batch_size is not None:
         return int(cfg.eval.batch_size)
-    return len(read_prompts(cfg.eval)) * len(cfg.eval.seeds) if built_in(cfg.model) else 1
+    prompts = len(read_prompts(cfg.eval)) + cfg.eval.caption_prompts
+    return prompts * len(cfg.eval.seeds) if built_in(cfg.model) else 1
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from sdsweep.data.dataset import DataSource, resolve_source
 from sdsweep.data.folder import decode_image
 from sdsweep.eval import diversity as D
 from sdsweep.eval import metrics as M
-from sdsweep.eval.sampling import Sample
+from sdsweep.eval.sampling import Sample, read_prompts
 
 PREFIX = "eval/"
 
@@ -26,11 +26,22 @@ def evenly_spaced(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist())) if k else []
 
 
-def reference_images(cfg: DictConfig, source: DataSource) -> list[Image.Image]:
+def reference_images(cfg: DictConfig, source: DataSource, records: list | None = None) -> list[Image.Image]:
     """The style reference: the trial's own training images (the records training scans of `source`,
     from the same `resolve_source`), evenly spaced over the set, at most eval.max_reference_images."""
-    records = source.scan().records
+    records = source.scan().records if records is None else records
     return [decode_image(records[i].path) for i in evenly_spaced(len(records), cfg.eval.max_reference_images)]
+
+
+def evaluation_prompts(e: DictConfig, captions: list[str]) -> list[str]:
+    """eval.prompts (or its file), then eval.caption_prompts of the training captions, evenly spaced, each
+    prompt once (a caption already among the prompts is not asked twice)."""
+    prompts = read_prompts(e)
+    picked = [captions[i] for i in evenly_spaced(len(captions), e.caption_prompts) if captions[i]]
+    return list(dict.fromkeys([*prompts, *picked]))
+
+
+SPLITS = {"in": "in distribution: a training caption", "out": "out of distribution: any other prompt"}
 
 
 class Scorer:
@@ -49,7 +60,14 @@ class Scorer:
             self.dino = load_dino(dino_name, cfg.model.cache_dir)
         self.trigger = (e.trigger, e.trigger_description) if e.trigger and e.trigger_description else None
         self.source = resolve_source(cfg.data, cfg.model.cache_dir)  # resolved once: an HF dataset opens here
-        self.references = reference_images(cfg, self.source)
+        records = self.source.scan().records
+        self.references = reference_images(cfg, self.source, records)
+        self.captions = {r.caption.strip() for r in records}
+        self.prompts = evaluation_prompts(e, [r.caption for r in records])
+
+    def split(self, prompt: str) -> str:
+        """"in" for a prompt that is one of the training captions, "out" for any other."""
+        return "in" if prompt.strip() in self.captions else "out"
 
     def text_side(self, prompt: str) -> str:
         """The prompt CLIP-T reads: the trigger word replaced by its description (eval.trigger_description)."""
@@ -75,7 +93,7 @@ class Scorer:
 
     def _score(self, samples: list[Sample], base: list[Sample] | None) -> tuple[dict, list[dict]]:
         out: dict = {f"{PREFIX}images": len(samples), f"{PREFIX}references": len(self.references)}
-        rows = [{"prompt": s.prompt, "seed": s.seed, "file": s.file} for s in samples]
+        rows = [{"prompt": s.prompt, "seed": s.seed, "file": s.file, "split": self.split(s.prompt)} for s in samples]
         if self.clip:
             emb = self.clip.encode_images([s.image for s in samples], self.device)
             ref_emb = self.clip.encode_images(self.references, self.device)
@@ -119,7 +137,7 @@ class Scorer:
             out[f"{PREFIX}content_cos"] = float(cos.mean())
             for row, value in zip(rows, cos.tolist()):
                 row["content_cos"] = value
-        return out, rows
+        return {**out, **split_means(rows)}, rows
 
     def _dino(self, samples: list[Sample], rows: list[dict]) -> dict:
         """DINO fidelity: each image's mean cosine to the training images' DINOv2 features, their centroid distance."""
@@ -130,3 +148,19 @@ class Scorer:
             row["dino_cos"] = value
         return {f"{PREFIX}dino_cos": float(per_image.mean()), f"{PREFIX}dino_centroid_distance": D.centroid_distance(emb, ref),
                 f"{PREFIX}dino_model": self.dino.name}
+
+
+def split_means(rows: list[dict]) -> dict[str, float | int]:
+    """eval/in/<metric> and eval/out/<metric>: each per-image metric's mean over the images of one prompt set,
+    with eval/<split>/images, for the splits that have images (set-level metrics stay over all images)."""
+    out: dict[str, float | int] = {}
+    for split in SPLITS:
+        mine = [r for r in rows if r.get("split") == split]
+        if not mine:
+            continue
+        out[f"{PREFIX}{split}/images"] = len(mine)
+        for key in sorted({k for r in mine for k in r} - {"prompt", "seed", "file", "split"}):
+            values = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
+            if values:
+                out[f"{PREFIX}{split}/{key}"] = float(np.mean(values))
+    return out
