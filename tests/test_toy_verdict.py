@@ -158,15 +158,35 @@ def _board(sweep) -> dict[str, dict]:
 
 
 def test_the_leaderboard_ranks_learners_above_the_control_and_the_control_above_the_destructive_rate(sweep, results):
+    """The composite is % better than the base model: the learners gain, the control is 0, the destructive rate
+    loses; configurations the paired bootstrap cannot separate share a rank (lora and dora, at each targets)."""
     board = _board(sweep)
     ranks = {config: int(row["rank"]) for config, row in board.items() if row["rank"]}
+    composite = {config: float(row["composite"]) for config, row in board.items()}
     learners = [ranks[n] for n in _grid_trials(results)]
-    assert sorted(ranks.values()) == list(range(1, 7))
-    assert max(learners) < ranks[CONTROL] < ranks[DESTRUCTIVE], ranks
+    assert len(ranks) == 6 and max(learners) < ranks[CONTROL] < ranks[DESTRUCTIVE], ranks
     base_row = next(row for row in board.values() if row["status"] == "reference")
-    assert float(board[CONTROL]["composite"]) == pytest.approx(float(base_row["composite"]), abs=0.01)
-    # targets=many keeps the colours attention alone loses: it leads for both adapters
-    assert {ranks["adapter=lora,targets=many"], ranks["adapter=dora,targets=many"]} == {1, 2}, ranks
+    assert float(base_row["composite"]) == 0.0
+    assert composite[CONTROL] == pytest.approx(0.0, abs=0.01)  # changes nothing: 0 % better
+    assert all(composite[n] > 20 for n in _grid_trials(results)) and composite[DESTRUCTIVE] < -20, composite
+    # targets=many keeps the colours attention alone loses: it leads for both adapters, which tie (measured:
+    # lora - dora +0.05 [-0.07, +1.1] composite points at many, +0.01 [-0.9, +1.0] at attn)
+    assert ranks["adapter=lora,targets=many"] == ranks["adapter=dora,targets=many"] == 1, ranks
+    assert ranks["adapter=lora,targets=attn"] == ranks["adapter=dora,targets=attn"] == 3, ranks
+    assert "tied with #1" in board["adapter=dora,targets=many"]["note"] + board["adapter=lora,targets=many"]["note"]
+    # the next group is separated from the best: its whole interval lies below it
+    assert float(board["adapter=lora,targets=attn"]["composite_vs_best_high"]) < -0.5
+
+
+def test_the_style_carries_over_to_the_held_out_combinations(results):
+    """Scored apart: the toy world's in-distribution prompts are training captions, its held-out combinations
+    are not; every learner draws the style on both, far above the base model, which draws it on neither."""
+    base = results["base"][0]
+    assert base["eval/in/images"] == base["eval/out/images"] == 12  # 6 prompts x 2 seeds in each set
+    for name in _grid_trials(results):
+        m = results[name][0]
+        for split in ("in", "out"):
+            assert m[f"eval/{split}/style_centroid_cos"] > base[f"eval/{split}/style_centroid_cos"] + 0.2, (name, split)
 
 
 def test_scores_are_a_pure_function_of_the_saved_samples(results, clip):

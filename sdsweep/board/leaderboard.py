@@ -528,10 +528,12 @@ SET_LEVEL = [k.removeprefix("eval/") for k in METRICS if k.removeprefix("eval/")
 
 def add_ties(board: pd.DataFrame, configurations: dict[str, Configuration], sources: dict[str, RowSource],
              weights: dict[str, float]) -> pd.DataFrame:
-    """Configurations not separable from the best share rank 1: the best's composite minus theirs, with its
-    paired-bootstrap interval (effects.composite_difference), goes to `composite_vs_best[_low|_high]`; where
-    the interval reaches below COMPOSITE_RESOLUTION composite points (or there is no interval and the
-    difference itself is below it), the two are tied and the note says so."""
+    """Configurations not separable from the one ranked above them share its rank. Down the composite order,
+    each configuration is compared with the first of the current tie group (the best, for the first group):
+    that one's composite minus its own, with a paired-bootstrap interval (effects.composite_difference); where
+    the interval reaches below COMPOSITE_RESOLUTION composite points (or, without an interval, the difference
+    itself is below it), it joins the group and the note says so; otherwise it starts the next group at its
+    own position. `composite_vs_best[_low|_high]`: every configuration against #1."""
     board = board.copy()
     for column in ("composite_vs_best", "composite_vs_best_low", "composite_vs_best_high"):
         board[column] = pd.Series(pd.NA, index=board.index, dtype="Float64")
@@ -539,30 +541,36 @@ def add_ties(board: pd.DataFrame, configurations: dict[str, Configuration], sour
     if ranked.empty:
         return board
     bases = {src.record.get("key"): src.record for name, src in sources.items() if name.startswith("base/")}
-    best = ranked.iloc[0]
 
     def side(row):
         config, base = configurations.get(row["config_key"]), bases.get(row["eval_base_key"])
         return (config, base, {m: row[f"eval/{m}"] for m in SET_LEVEL}) if config and base else None
 
-    best_side = side(best)
+    def versus(a, b) -> tuple[float, Interval | None]:
+        """a's composite minus b's, and its interval (None where there are no shared per-image cells)."""
+        sa, sb = side(a), side(b)
+        return a["composite"] - b["composite"], (composite_difference(sa, sb, weights, HIGHER) if sa and sb else None)
+
+    best, leader, position = ranked.iloc[0], ranked.iloc[0], 1
+    leader_rank = 1
     for i, row in ranked.iloc[1:].iterrows():
-        difference = best["composite"] - row["composite"]
-        this = side(row)
-        interval = composite_difference(best_side, this, weights, HIGHER) if best_side and this else None
-        if interval is not None:
-            board.loc[i, ["composite_vs_best", "composite_vs_best_low", "composite_vs_best_high"]] = \
-                [-interval.mean, -interval.high, -interval.low]
-            tied = interval.low <= COMPOSITE_RESOLUTION
+        position += 1
+        difference, to_best = versus(best, row)
+        board.at[i, "composite_vs_best"] = -(to_best.mean if to_best else difference)
+        if to_best is not None:
+            board.at[i, "composite_vs_best_low"], board.at[i, "composite_vs_best_high"] = -to_best.high, -to_best.low
+        difference, interval = (difference, to_best) if leader is best else versus(leader, row)
+        tied = (interval.low if interval is not None else difference) <= COMPOSITE_RESOLUTION
+        if tied:
+            board.at[i, "rank"] = leader_rank
+            if row["composite"] != leader["composite"]:  # an equal composite shares the rank without words
+                words = (f"composite {-interval.mean:+.1f} [{-interval.high:+.1f}, {-interval.low:+.1f}]"
+                         if interval is not None else f"composite {-difference:+.2f}")
+                note = f"tied with #{leader_rank} {leader['config']}: {words}"
+                board.at[i, "note"] = "; ".join(n for n in (board.at[i, "note"], note) if n)
         else:
-            board.at[i, "composite_vs_best"] = -difference
-            tied = difference <= COMPOSITE_RESOLUTION
-        if tied and row["rank"] != 1:  # an equal composite has rank 1 already and needs no words
-            board.at[i, "rank"] = 1
-            words = (f"tied with #1 {best['config']}: composite {-interval.mean:+.1f} "
-                     f"[{-interval.high:+.1f}, {-interval.low:+.1f}]" if interval is not None
-                     else f"tied with #1 {best['config']}: composite {-difference:+.2f}")
-            board.at[i, "note"] = "; ".join(n for n in (board.at[i, "note"], words) if n)
+            leader, leader_rank = row, position
+            board.at[i, "rank"] = position
     return _ordered(board)
 
 
