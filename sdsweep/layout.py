@@ -13,7 +13,7 @@ strings, so the layout is written down once and the board can be rebuilt from th
         metrics.json              status, figures, scores: the trial's source of truth
         train_log.jsonl           one line per logged step
         checkpoints/step-NNNNNN/  resumable checkpoints
-        adapter/                  the trained adapter (diffusers' / peft's files)
+        adapter/                  the trained adapter (diffusers' / peft's files, kohya.safetensors)
         samples/                  evaluation images, named by prompt and seed
         validation/step-NNNNNN/   images sampled while training (tracking.validation_every)
         debug/rank-N.json, profile/
@@ -30,6 +30,7 @@ from typing import Any
 METRICS = "metrics.json"
 MULTIRUN = "multirun.yaml"
 BASE_RECORD = "base.json"
+KOHYA_ADAPTER = "kohya.safetensors"  # the adapter as one kohya/LyCORIS file, beside diffusers'/peft's
 
 
 class UnreadableRecord(ValueError):
@@ -127,6 +128,11 @@ class TrialDir:
     @property
     def adapter(self) -> Path:
         return self.path / "adapter"
+
+    @property
+    def kohya_adapter(self) -> Path:
+        """The adapter in kohya/LyCORIS format, the one file ComfyUI, A1111 and Forge load (sdsweep/export)."""
+        return self.adapter / KOHYA_ADAPTER
 
     @property
     def samples(self) -> Path:

@@ -9,7 +9,9 @@ in the format diffusers' `load_lora_weights` reads.
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ import torch
 from sdsweep.config.schema import AdapterConfig
 from sdsweep.io import atomic_dir
 
+log = logging.getLogger(__name__)
 # Layer types peft can wrap with every adapter kind we offer.
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -105,7 +108,8 @@ def adapter_state_dicts(modules: dict[str, torch.nn.Module]) -> dict[str, dict[s
     }
 
 
-def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.nn.Module]) -> Path:
+def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.nn.Module],
+                 trial_config: Mapping | None = None) -> Path:
     """Save the trained adapters of `modules` into `folder`, atomically.
 
     lora/dora: one `pytorch_lora_weights.safetensors` in diffusers' format (with peft's config
@@ -114,6 +118,9 @@ def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.
     loha/lokr: diffusers' loader does not read peft's LyCORIS layers, so each component is
     saved in peft's own format (`<component>/adapter_model.safetensors` and
     `adapter_config.json`), loadable with `load_adapter` below or peft's `set_peft_model_state_dict`.
+    Every kind: also `kohya.safetensors`, the whole adapter in one kohya/LyCORIS file (ComfyUI,
+    A1111/Forge), and the model card `README.md` (sdsweep/export). `trial_config`: the trial's resolved
+    config for their metadata; None reads the trial folder's `.hydra/config.yaml` when there is one.
     """
     adapted = {pipeline_component(family, n): m for n, m in modules.items()
                if getattr(m, "_hf_peft_config_loaded", False)}
@@ -122,7 +129,31 @@ def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.
             _save_diffusers_lora(tmp, family, adapted)
         else:
             _save_peft(tmp, adapted)
+        _save_exports(tmp, Path(folder), family, kind, adapted, trial_config)
     return folder
+
+
+def _save_exports(tmp: Path, folder: Path, family: str, kind: str, adapted: dict[str, torch.nn.Module],
+                  trial_config: Mapping | None) -> None:
+    """The kohya/LyCORIS file and the model card beside the files above. They must never cost the trained
+    adapter: a failure is a warning naming the cause (and the command that writes them later), not an error."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from sdsweep.export import card, kohya, saved
+    from sdsweep.export.trial import read_config
+    from sdsweep.layout import KOHYA_ADAPTER, TrialDir
+
+    trial = TrialDir(folder.parent)
+    try:
+        if isinstance(trial_config, DictConfig):
+            config = OmegaConf.to_container(trial_config, resolve=True)
+        else:
+            config = dict(trial_config) if trial_config is not None else read_config(trial.path)
+        kohya.write_kohya(tmp / KOHYA_ADAPTER, family, saved.from_modules(adapted), kind, config, trial.name)
+        card.write_card(tmp, family, kind, config, trial)
+    except Exception as e:  # noqa: BLE001 - the adapter itself is saved; these are copies of it
+        log.warning("%s / %s not written (%s: %s); `python -m sdsweep.export %s --format kohya` writes them "
+                    "from the saved adapter", KOHYA_ADAPTER, card.CARD, type(e).__name__, e, trial.path)
 
 
 def _save_diffusers_lora(folder: Path, family: str, adapted: dict[str, torch.nn.Module]) -> None:
