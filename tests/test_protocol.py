@@ -113,3 +113,27 @@ def test_training_captions_are_in_distribution_and_every_other_prompt_out_of_it(
     from sdsweep.eval.base import base_samples_key
 
     assert base_samples_key(cfg, "m", CPU, "d", scorer.prompts)[1]["prompts"] == scorer.prompts
+
+
+def test_set_level_metrics_carry_a_bootstrap_interval_over_the_images(make_cfg):
+    """Gram, colour and centroid distances are one number per set: their interval resamples the trial's images
+    (fixed seed: the same images give the same interval), and holds the number itself."""
+    from sdsweep.eval import metrics as M
+
+    scorer = Scorer(make_cfg("model=tiny-sdxl", evaluate=True), CPU)
+    samples = _samples()
+    out, _ = scorer.score(samples, base=None)
+    again, _ = scorer.score(samples, base=None)
+    for metric in ("gram_distance", "color_distance", "clip_centroid_distance"):
+        low, high = out[f"eval/{metric}_ci_low"], out[f"eval/{metric}_ci_high"]
+        assert low <= out[f"eval/{metric}"] <= high and low < high, metric
+        assert (again[f"eval/{metric}_ci_low"], again[f"eval/{metric}_ci_high"]) == (low, high)
+    assert out["eval/gram_distance"] == pytest.approx(M.gram_distance([s.image for s in samples], scorer.references),
+                                                      rel=1e-6)
+    assert out["eval/color_distance"] == pytest.approx(M.color_distance([s.image for s in samples], scorer.references),
+                                                       rel=1e-9)
+    # identical images: nothing to resample, the interval closes on the number
+    same = [Sample(s.prompt, 0, s.file, samples[0].image) for s in samples]
+    flat, _ = scorer.score(same, base=None)
+    assert flat["eval/color_distance_ci_low"] == pytest.approx(flat["eval/color_distance_ci_high"])
+    assert "eval/vendi_ci_low" not in out and "eval/kid_ci_low" not in out  # biased by repeats: not bootstrapped

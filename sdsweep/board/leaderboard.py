@@ -86,8 +86,12 @@ SPLIT_METRICS = [f"eval/{split}/{m}" for split in ("in", "out") for m in ("clip_
                                                                           "content_cos", "clip_i", "dino_cos")]
 RESOURCES = ["trainable_params", "adapter_mb", "predicted_vram_gb", "peak_vram_mb", "peak_memory_mb", "it_per_s",
              "train_s", "wall_s", "eval_s", "final_loss"]
-NUMERIC = ["composite", *METRICS, *SPLIT_METRICS, "eval/kid_subset_std", *RESOURCES]
-WITH_STD = [k for k in NUMERIC if k != "eval/kid_subset_std"]  # over seeds
+# set-level metrics' intervals, a bootstrap over each trial's images at scoring time (eval/scorer.py _interval);
+# with several seeds, the means of the seeds' bounds
+SET_INTERVALS = [f"eval/{m}{suffix}" for m in ("gram_distance", "color_distance", "clip_centroid_distance",
+                                               "dino_centroid_distance") for suffix in ("_ci_low", "_ci_high")]
+NUMERIC = ["composite", *METRICS, *SPLIT_METRICS, *SET_INTERVALS, "eval/kid_subset_std", *RESOURCES]
+WITH_STD = [k for k in NUMERIC if k != "eval/kid_subset_std" and k not in SET_INTERVALS]  # over seeds
 T4_VRAM_MB = 15360  # a T4's 16 GB as CUDA reports it (15 GiB usable)
 BASE_LABEL = "base model (no adapter)"
 NO_BASE = ("unranked: no base model record to measure the composite against (python -m sdsweep.eval TRIAL_DIR "
@@ -120,7 +124,8 @@ TEXT: Check = (lambda v: isinstance(v, str), "a string")
 NUMBER: Check = (_number, "a number")
 IMAGES: Check = (lambda v: isinstance(v, list) and all(_image_row(r) for r in v),
                  'a list of {"prompt": string, "seed": integer, "file": string}')
-SHARED_FIELDS: dict[str, Check] = {**{k: NUMBER for k in (*METRICS, *SPLIT_METRICS, "eval/kid_std", "eval_s")},
+SHARED_FIELDS: dict[str, Check] = {**{k: NUMBER for k in (*METRICS, *SPLIT_METRICS, *SET_INTERVALS, "eval/kid_std",
+                                                          "eval_s")},
                                    "eval_images": IMAGES}
 TRIAL_FIELDS: dict[str, Check] = {
     **SHARED_FIELDS,
@@ -227,7 +232,7 @@ def trial_row(trial: TrialDir, m: dict) -> dict[str, Any]:
     row["it_per_s"] = m.get("steps_per_s")
     row["predicted_vram_gb"] = m.get("predicted_peak_vram_gb")  # sdsweep/estimate.py, before the trial ran
     row["peak_vram_reserved_mb"] = m.get("peak_vram_reserved_mb")
-    row.update({k: m.get(k) for k in (*METRICS, *SPLIT_METRICS)})
+    row.update({k: m.get(k) for k in (*METRICS, *SPLIT_METRICS, *SET_INTERVALS)})
     row["eval/kid_subset_std"] = m.get("eval/kid_std")  # spread over KID's subsets (not over seeds)
     row["eval_base_key"] = m.get("eval/base_key")
     row["scored_by"] = scored_by(m)
@@ -260,7 +265,7 @@ def base_rows(sweep_dir: Path, trials: list[dict], problems: list[str] | None = 
         row.update({g: (users[0][g] if users and g in ("model", "data", "eval", "precision") else None) for g in GROUPS})
         row.update(adapter="none", overrides="", trainable_params=0, adapter_mb=0.0, eval_base_key=b["key"],
                    status="reference", reason="", scored=True, eval_s=b.get("eval_s"))
-        row.update({k: b.get(k) for k in (*METRICS, *SPLIT_METRICS)})
+        row.update({k: b.get(k) for k in (*METRICS, *SPLIT_METRICS, *SET_INTERVALS)})
         row["scored_by"] = scored_by(b)
         row["eval/kid_subset_std"] = b.get("eval/kid_std")
         rows[b["key"]] = row

@@ -249,25 +249,31 @@ def _to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def image_grams(images: list[Image.Image], net: RandomStyleNet) -> list[torch.Tensor]:
+    """Per layer, each image's Gram matrix F F^T / (H W) of the random features: (N, C, C)."""
+    x = _to_tensor(images, STYLE_SIZE) * 2 - 1
+    return [(f.flatten(2) @ f.flatten(2).transpose(1, 2) / f.flatten(2).shape[-1]) for f in net(x)]
+
+
 def mean_grams(images: list[Image.Image], net: RandomStyleNet) -> list[torch.Tensor]:
     """Per layer, the Gram matrix F F^T / (H W) of the random features, averaged over images."""
-    x = _to_tensor(images, STYLE_SIZE) * 2 - 1
-    grams = []
-    for f in net(x):
-        flat = f.flatten(2)
-        grams.append((flat @ flat.transpose(1, 2) / flat.shape[-1]).mean(0))
-    return grams
+    return [g.mean(0) for g in image_grams(images, net)]
+
+
+def gram_distance_of(gen_grams: list[torch.Tensor], ref_grams: list[torch.Tensor]) -> float:
+    """gram_distance from the two sets' per-layer mean Gram matrices."""
+    dists = []
+    for a, b in zip(gen_grams, ref_grams):
+        scale = (a.norm() + b.norm()) / 2
+        dists.append(float((a - b).norm() / scale) if scale > 0 else 0.0)
+    return float(np.mean(dists))
 
 
 def gram_distance(gen: list[Image.Image], ref: list[Image.Image], seed: int = 0) -> float:
     """Mean over layers of ||G_gen - G_ref|| / ((||G_gen|| + ||G_ref||) / 2): 0 for identical texture
     statistics, at most 2; lower is closer in style."""
     net = RandomStyleNet(seed)
-    dists = []
-    for a, b in zip(mean_grams(gen, net), mean_grams(ref, net)):
-        scale = (a.norm() + b.norm()) / 2
-        dists.append(float((a - b).norm() / scale) if scale > 0 else 0.0)
-    return float(np.mean(dists))
+    return gram_distance_of(mean_grams(gen, net), mean_grams(ref, net))
 
 
 def color_distance(gen: list[Image.Image], ref: list[Image.Image], size: int = 64, quantiles: int = 256) -> float:
@@ -276,7 +282,34 @@ def color_distance(gen: list[Image.Image], ref: list[Image.Image], size: int = 6
     Values in [0, 1] (fraction of the full intensity range by which pixels must move): 0 for the
     same colour distribution; lower is closer.
     """
-    q = torch.linspace(0, 1, quantiles, dtype=torch.float64)
-    a = _to_tensor(gen, size).permute(1, 0, 2, 3).flatten(1).double()
-    b = _to_tensor(ref, size).permute(1, 0, 2, 3).flatten(1).double()
-    return float(sum((torch.quantile(a[c], q) - torch.quantile(b[c], q)).abs().mean() for c in range(3)) / 3)
+    return color_distance_of(_to_tensor(gen, size), _to_tensor(ref, size), quantiles)
+
+
+def channel_quantiles(pixels: torch.Tensor, quantiles: int = 256) -> torch.Tensor:
+    """(quantiles, 3): each channel's pixel-value quantiles over a set's pixels, (N, 3, H, W)."""
+    # torch.quantile's linear interpolation, by one sort: 10x faster, equal to 1e-16 (the bootstrap calls it 200 times)
+    values = np.sort(pixels.permute(1, 0, 2, 3).flatten(1).double().numpy(), axis=1)
+    position = np.linspace(0, 1, quantiles) * (values.shape[1] - 1)
+    low = np.floor(position).astype(int)
+    high, weight = np.minimum(low + 1, values.shape[1] - 1), position - low
+    return torch.from_numpy((values[:, low] * (1 - weight) + values[:, high] * weight).T)
+
+
+def color_distance_of(gen: torch.Tensor, ref: torch.Tensor | None = None, quantiles: int = 256,
+                      ref_quantiles: torch.Tensor | None = None) -> float:
+    """color_distance from the two sets' pixels, (N, 3, H, W) in [0, 1] (or the reference's channel_quantiles)."""
+    b = channel_quantiles(ref, quantiles) if ref_quantiles is None else ref_quantiles
+    return float((channel_quantiles(gen, quantiles) - b).abs().mean())
+
+
+SET_DRAWS = 200
+
+
+def set_interval(statistic, n: int, draws: int = SET_DRAWS, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap of a set-level metric over the generated images: `statistic(indices)` recomputed
+    on `draws` resamples of the n images with replacement (the references fixed), from a fixed seed."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(torch.from_numpy(rng.integers(0, n, size=n))) for _ in range(draws)]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)

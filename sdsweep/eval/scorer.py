@@ -113,6 +113,7 @@ class Scorer:
             per_image = D.mean_cosine_per_image(emb, ref_emb)
             out[f"{PREFIX}clip_i"] = float(per_image.mean())
             out[f"{PREFIX}clip_centroid_distance"] = D.centroid_distance(emb, ref_emb)
+            out.update(_interval("clip_centroid_distance", lambda i: D.centroid_distance(emb[i], ref_emb), len(samples)))
             for row, value in zip(rows, per_image.tolist()):
                 row["clip_i"] = value
         if "diversity" in self.metrics:
@@ -126,9 +127,7 @@ class Scorer:
                 out[f"{PREFIX}kid"] = None
                 out[f"{PREFIX}notes"] = str(err)
         if "random_style" in self.metrics:
-            images = [s.image for s in samples]
-            out[f"{PREFIX}gram_distance"] = M.gram_distance(images, self.references)
-            out[f"{PREFIX}color_distance"] = M.color_distance(images, self.references)
+            out.update(self._random_style([s.image for s in samples]))
         if "content" in self.metrics:
             if base is None:
                 cos = torch.ones(len(samples))  # the base model against itself
@@ -139,6 +138,19 @@ class Scorer:
                 row["content_cos"] = value
         return {**out, **split_means(rows)}, rows
 
+    def _random_style(self, images: list[Image.Image]) -> dict:
+        """Gram and colour distances to the training images, each with its bootstrap interval over the images."""
+        net = M.RandomStyleNet(0)
+        grams, ref_grams = M.image_grams(images, net), M.mean_grams(self.references, net)
+        pixels, ref_q = M._to_tensor(images, 64), M.channel_quantiles(M._to_tensor(self.references, 64))
+        out = {f"{PREFIX}gram_distance": M.gram_distance_of([g.mean(0) for g in grams], ref_grams),
+               f"{PREFIX}color_distance": M.color_distance_of(pixels, ref_quantiles=ref_q)}
+        out.update(_interval("gram_distance", lambda i: M.gram_distance_of([g[i].mean(0) for g in grams], ref_grams),
+                             len(images)))
+        out.update(_interval("color_distance", lambda i: M.color_distance_of(pixels[i], ref_quantiles=ref_q),
+                             len(images)))
+        return out
+
     def _dino(self, samples: list[Sample], rows: list[dict]) -> dict:
         """DINO fidelity: each image's mean cosine to the training images' DINOv2 features, their centroid distance."""
         emb = self.dino.encode_images([s.image for s in samples], self.device)
@@ -147,7 +159,18 @@ class Scorer:
         for row, value in zip(rows, per_image.tolist()):
             row["dino_cos"] = value
         return {f"{PREFIX}dino_cos": float(per_image.mean()), f"{PREFIX}dino_centroid_distance": D.centroid_distance(emb, ref),
-                f"{PREFIX}dino_model": self.dino.name}
+                f"{PREFIX}dino_model": self.dino.name,
+                **_interval("dino_centroid_distance", lambda i: D.centroid_distance(emb[i], ref), len(samples))}
+
+
+def _interval(metric: str, statistic, n: int) -> dict[str, float]:
+    """eval/<metric>_ci_low and _ci_high of a set-level metric: a bootstrap over the trial's images (the
+    references fixed). Not for Vendi or KID: a resample repeats images, which lowers diversity and biases the
+    unbiased MMD; KID keeps its spread over subsets (eval/kid_std)."""
+    if n < 2:
+        return {}
+    low, high = M.set_interval(statistic, n)
+    return {f"{PREFIX}{metric}_ci_low": low, f"{PREFIX}{metric}_ci_high": high}
 
 
 def split_means(rows: list[dict]) -> dict[str, float | int]:
