@@ -357,3 +357,32 @@ def test_a_batch_draws_each_cell_from_its_own_seed_as_one_image_at_a_time_does(m
                                     "eval.seeds=[0,1]", "eval.batch_size=1", evaluate=True))
     with pytest.raises(ConfigError, match="eval.batch_size=0: must be >= 1"):
         validate(make_cfg("eval.batch_size=0", evaluate=True))
+
+
+def test_dora_text_encoder_magnitudes_are_loaded_for_evaluation_as_trained(make_cfg, tmp_path):
+    """diffusers' load_lora_weights drops the text encoders' DoRA magnitudes; evaluation sets them again, so the
+    images are drawn with the trained text encoders (before the fix: off by up to 0.7 on the tiny SDXL)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from sdsweep.model import load as models
+    from sdsweep.model.adapters import LORA_WEIGHTS
+
+    cfg = make_cfg("model=tiny-sdxl", "adapter=dora", "text_encoder=lora", "train.lr=0.05", steps=2)
+    metrics = run_trial(cfg, tmp_path / "trial")
+    assert metrics["status"] == "finished", metrics.get("reason")
+    saved = load_file(tmp_path / "trial" / "adapter" / LORA_WEIGHTS)
+    components = models.load_components(cfg.model, cfg.precision)
+    pipe = sampling.build_pipeline(components)
+    sampling.load_saved_adapter(pipe, tmp_path / "trial" / "adapter", "dora")
+    for name in ("text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name)
+        loaded = get_peft_model_state_dict(module, adapter_name=next(iter(module.peft_config)))
+        magnitudes = [k for k in loaded if "lora_magnitude_vector" in k]
+        assert magnitudes, name
+        for key in magnitudes:
+            assert torch.equal(loaded[key].float(), saved[f"{name}.{key}"].float()), (name, key)
+    # adapter_mb is the adapter's own weights, not its kohya copy and model card beside them
+    own = (tmp_path / "trial" / "adapter" / LORA_WEIGHTS).stat().st_size / 2**20
+    assert metrics["adapter_mb"] == pytest.approx(own)
+    assert (tmp_path / "trial" / "adapter" / "kohya.safetensors").exists()

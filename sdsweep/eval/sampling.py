@@ -97,8 +97,25 @@ def load_saved_adapter(pipe, adapter_dir: Path, kind: str) -> None:
 
     if kind in ("lora", "dora"):
         pipe.load_lora_weights(str(adapter_dir), weight_name=LORA_WEIGHTS)
+        if kind == "dora":
+            _restore_text_encoder_magnitudes(pipe, Path(adapter_dir) / LORA_WEIGHTS)
     else:
         load_adapter(adapter_dir, adaptable_modules(pipe))
+
+
+def _restore_text_encoder_magnitudes(pipe, weights: Path) -> None:
+    """diffusers' load_lora_weights drops DoRA's magnitudes of the text encoders (with transformers 5.x their
+    keys lack the `.weight` transformers' loader wants), which left them at the base weight's norms: set
+    every text-encoder tensor of the file again with peft, into the adapter diffusers created."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(weights)
+    for name in ("text_encoder", "text_encoder_2"):
+        module, prefix = getattr(pipe, name, None), f"{name}."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if module is not None and sub and getattr(module, "peft_config", None):
+            set_peft_model_state_dict(module, sub, adapter_name=next(iter(module.peft_config)))
 
 
 def sampling_batch(cfg: DictConfig) -> int:

@@ -214,10 +214,13 @@ def _setup_figures(s: Setup) -> dict:
 
 def _save_adapter(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
     clock = time.perf_counter()
-    folder = adapters.save_adapter(TrialDir(trial_dir).adapter, s.components.family, cfg.adapter.kind,
-                                   _unwrapped_modules(s))
-    return {"adapter_mb": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20,
-            "save_s": time.perf_counter() - clock}
+    trial = TrialDir(trial_dir)
+    folder = adapters.save_adapter(trial.adapter, s.components.family, cfg.adapter.kind, _unwrapped_modules(s),
+                                   trial_config=cfg)
+    # the adapter's own weights: not the kohya copy of them, the model card or its images (sdsweep/export)
+    extras = {trial.kohya_adapter, folder / "README.md"}
+    weights = [f for f in folder.rglob("*") if f.is_file() and f not in extras and "images" not in f.relative_to(folder).parts]
+    return {"adapter_mb": sum(f.stat().st_size for f in weights) / 2**20, "save_s": time.perf_counter() - clock}
 
 
 def _evaluate(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
