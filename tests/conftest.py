@@ -37,6 +37,12 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_cfg(cache_dir):
+    """compose(overrides) -> the config `python -m sdsweep OVERRIDES` would run, on the test cache
+    (config_maker's, for tests that take the cache_dir themselves)."""
+    return config_maker(cache_dir)
+
+
+def config_maker(cache_dir):
     """compose(overrides) -> the config `python -m sdsweep OVERRIDES` would run, on the test cache.
 
     Evaluation (sampling + scoring, seconds per trial) is off unless a test asks for it with

@@ -253,6 +253,13 @@ class TrainConfig:
     """sd3: train on x0 = noisy - sigma * prediction (EDM preconditioning, the diffusers SD3
     script's default) instead of the raw velocity target noise - x0."""
     max_grad_norm: float = 1.0
+    ema_decay: float = 0.0
+    """Exponential moving average of the trainable weights, updated after every optimizer step (diffusers'
+    EMAModel: decay min(ema_decay, (1 + t) / (10 + t)) at its t-th update); 0 = off, 0.999 a usual value.
+    The saved adapter, and so evaluation, holds the averaged weights; checkpoints carry the average. It
+    costs one fp32 copy of the adapter (not of the base model)."""
+    ema_on_cpu: bool = False
+    """Keep the average in CPU memory, moved to the device for each update (diffusers' --offload_ema)."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: never)."""
     checkpoints_keep: int = 2

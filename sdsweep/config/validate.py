@@ -46,7 +46,7 @@ def validate(cfg: DictConfig | Config) -> None:
     """Raise ConfigError listing every problem of `cfg` (each naming the key to change), or return."""
     p: list[str] = []
     for check in (_unknown_keys, _adapter, _targets, _text_encoder, _precision, _optimizer, _model, _data, _eval,
-                  _train, _tracking, _sweep):
+                  _train, _ema, _tracking, _sweep):
         check(p, cfg)
     _check_choice(p, "device", cfg.device, DEVICES)
     if p:
@@ -206,6 +206,11 @@ def _tracking(p: list[str], cfg: Any) -> None:
         p.append(f"tracking.smoothing={tk.smoothing}: must be in [0, 1)")
     _at_least(p, tk, "tracking", ("warmup_steps", "validation_every", "profile_wait", "profile_warmup"), 0)
     _at_least(p, tk, "tracking", ("profile_active",), 1)
+
+
+def _ema(p: list[str], cfg: Any) -> None:
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        p.append(f"train.ema_decay={cfg.train.ema_decay}: must be in [0, 1) (0 turns the average off; 0.999 is usual)")
 
 
 def _sweep(p: list[str], cfg: Any) -> None:

@@ -16,7 +16,8 @@ How, with no weights read and nothing on a GPU:
   cached wait there while training (`offloadable_gb`). A quantized UNet (`int8`/`nf4`) has its Linear weights at ~1 / ~0.52 bytes and everything
   else left in fp32, as `models.quantize_unet` leaves it.
 * Adapter: attached with the project's own `adapters.attach` to the meta denoiser (and text
-  encoders when they train): fp32 parameters, fp32 gradients and the optimizer's state.
+  encoders when they train): fp32 parameters, fp32 gradients and the optimizer's state (and with
+  train.ema_decay, unless train.ema_on_cpu, the moving average: one more fp32 copy).
 * One training step: the meta denoiser, with its adapters, dtypes and gradient checkpointing as
   the trial will have them, runs forward and backward on meta tensors at the trial's latent size
   and batch. A dispatch mode counts every storage the step allocates for as long as it lives, so
@@ -556,7 +557,7 @@ ESTIMATE_INPUTS = (
     # the step, what is cached (cache.latents_cached, cache.text_cached) and what stays on the GPU
     "train.batch_size", "train.gradient_checkpointing", "data.resolution", "cache.enabled", "data.crop",
     "data.path", "data.dataset", "data.buckets", "data.bucket_step", "data.max_aspect",
-    "tracking.validation_every",
+    "tracking.validation_every", "train.ema_decay", "train.ema_on_cpu",
 )
 """The memo's key: every config value the estimate reads, except VALUE_ONLY_INPUTS. tests/test_estimate.py
 records what estimates read and checks it against these two lists."""
@@ -617,7 +618,7 @@ def _estimate_or_reason(cfg, configs: tuple[dict, list[str]] | None) -> Estimate
         return Estimate(total_gb=None, reason=f"the estimator failed: {type(e).__name__}: {e}")
 
 
-ESTIMATOR_VERSION = 1
+ESTIMATOR_VERSION = 2
 """Raise it whenever what `_estimate` computes changes: remembered estimates of older versions are not read."""
 
 
@@ -688,6 +689,8 @@ def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
             trained.append(modules[name])
     trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     adapter_at_rest = sum(p.numel() * 4 + optimizer_state_bytes(p.numel(), cfg.optimizer.name) for p in trainable)
+    if cfg.train.ema_decay and not cfg.train.ema_on_cpu:  # the moving average: one fp32 copy of the adapter
+        adapter_at_rest += sum(p.numel() * 4 for p in trainable)
 
     step_peak, grads = trace_step(cfg, modules, trained)
     encode_peak = trace_vae_encode(modules["vae"], cfg.train.batch_size, cfg.data.resolution)

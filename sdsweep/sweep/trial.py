@@ -31,7 +31,7 @@ from sdsweep.model import load as models
 from sdsweep.sweep.early_stop import Stopper
 from sdsweep.sweep.prune import planned_estimate, prune_reason
 from sdsweep.sweep.resume import fingerprints, kept_trial
-from sdsweep.train.loop import NonFiniteLoss, train
+from sdsweep.train.loop import NonFiniteLoss, finish_ema, train
 from sdsweep.train.meters import MemoryMeter
 from sdsweep.train.setup import Setup, denoiser, restore_offloaded, setup
 from sdsweep.train.tracking import Tracker, make_tracker
@@ -152,6 +152,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
         metrics.update(train(cfg, s, trial_dir, tracker, Stopper(cfg, trial_dir), hook))
         stopped = "early_stopped_at_step" in metrics  # kept (its adapter too), but not worth evaluating
         if main:
+            finish_ema(s)  # train.ema_decay: the averaged weights are what is saved and evaluated
             metrics.update(_save_adapter(cfg, s, trial_dir))
         # the peak of training alone; evaluation (sampling, CLIP) is measured on its own below
         metrics.update(memory.summary_mb())

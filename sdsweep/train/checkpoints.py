@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"step-(\d+)")
 ADAPTER, OPTIMIZER, STATE = "adapter.safetensors", "optimizer.pt", "state.json"
+EMA = "ema.safetensors"
+"""The moving average of the adapter's weights (train.ema_decay), by the same names; only when it is on."""
 RECORD = "complete.json"
 """Written last inside the atomic folder: {"files": {name: sha256}} of the files above."""
 
@@ -49,6 +51,8 @@ class TrainState:
     scheduler: dict
     scaler: dict
     skipped_steps: list[int] = field(default_factory=list)
+    ema_updates: int = 0
+    """Updates the moving average has had (its decay warms up with them)."""
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     state: TrainState
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def save_checkpoint(
@@ -68,10 +73,13 @@ def save_checkpoint(
     trainable: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     keep: int,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     folder = root / f"step-{state.step:06d}"
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in trainable.items()}, tmp / ADAPTER)
+        if ema is not None:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in ema.items()}, tmp / EMA)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps(state.__dict__, default=_jsonable))
         _write_record(tmp)
@@ -95,7 +103,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_record(folder: Path) -> None:
-    files = {name: _sha256(folder / name) for name in (ADAPTER, OPTIMIZER, STATE)}
+    files = {name: _sha256(folder / name) for name in (ADAPTER, OPTIMIZER, STATE, EMA) if (folder / name).exists()}
     (folder / RECORD).write_text(json.dumps({"files": files}, indent=2) + "\n")
 
 
@@ -139,7 +147,8 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     weights = _read(folder, ADAPTER, load_file)
     optimizer = _read(folder, OPTIMIZER, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     state = _read(folder, STATE, lambda p: TrainState(**json.loads(p.read_text())))
-    return Checkpoint(folder, weights, optimizer, state)
+    ema = _read(folder, EMA, load_file) if (folder / EMA).exists() else None
+    return Checkpoint(folder, weights, optimizer, state, ema)
 
 
 def _read(folder: Path, name: str, reader: Callable[[Path], Any]) -> Any:

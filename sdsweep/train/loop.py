@@ -181,6 +181,8 @@ def _train_steps(run: _Run, batches: Iterator[dict], trace: dict | None, profile
         torch.manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
         step_loss = _accumulate(run, batches, step, trace)
         grad_norm = _optimizer_step(run, step, step_loss)
+        if s.ema is not None and (step + 1) not in state.skipped_steps:
+            _ema_step(run)
         run.pending.append((torch.stack([step_loss, grad_norm.detach().float().to(step_loss.device)]),
                             s.scheduler.get_last_lr()))
         s.scheduler.step()
@@ -218,11 +220,24 @@ def _resume(s: Setup, trial: TrialDir, main: bool) -> tuple[TrainState, int | No
     if checkpoint is None:
         return TrainState(step=0, losses=[], elapsed_s=0.0, scheduler={}, scaler={}), None
     state = load_into(checkpoint, s.trainable, s.optimizer)
+    if s.ema is not None:
+        _resume_ema(s, checkpoint)
     s.scheduler.load_state_dict(state.scheduler)
     if state.scaler:
         s.scaler.load_state_dict(state.scaler)
     log.info("resuming from %s at step %d", checkpoint.folder.name, state.step)
     return state, state.step
+
+
+def _resume_ema(s: Setup, checkpoint) -> None:
+    """The average as the checkpoint left it; a checkpoint written without one cannot continue it."""
+    if checkpoint.ema is None:
+        raise RuntimeError(f"checkpoint {checkpoint.folder} holds no moving average but train.ema_decay is set: "
+                           "it was written by a trial without EMA; delete the trial folder or use a new one")
+    with torch.no_grad():
+        for shadow, name in zip(s.ema.shadow_params, s.trainable):
+            shadow.copy_(checkpoint.ema[name].to(shadow.device, shadow.dtype))
+    s.ema.optimization_step = checkpoint.state.ema_updates
 
 
 def _smoothed_curve(losses: list[float], smoothing: float) -> float | None:
@@ -279,6 +294,23 @@ def _optimizer_step(run: _Run, step: int, step_loss: torch.Tensor) -> torch.Tens
     return grad_norm
 
 
+def _ema_step(run: _Run) -> None:
+    """One update of the moving average; an average kept in CPU memory visits the device for it."""
+    s = run.s
+    params = list(s.trainable.values())
+    if run.cfg.train.ema_on_cpu:
+        s.ema.to(s.device, non_blocking=True)
+    s.ema.step(params)
+    if run.cfg.train.ema_on_cpu:
+        s.ema.to("cpu", non_blocking=True)
+
+
+def finish_ema(s) -> None:
+    """Put the averaged weights into the trainable parameters (what the trial then saves and evaluates)."""
+    if s.ema is not None:
+        s.ema.copy_to(list(s.trainable.values()))
+
+
 def _check_nan_skips(run: _Run, done: int) -> None:
     """NonFiniteLoss once more steps were skipped than train.max_nan_skips allows; the steps up to
     this one are logged and in the losses first, as they would be at the next log step."""
@@ -332,7 +364,11 @@ def _checkpoint(run: _Run, done: int) -> None:
     state.elapsed_s += time.perf_counter() - run.started
     run.started = time.perf_counter()
     state.scheduler, state.scaler = s.scheduler.state_dict(), s.scaler.state_dict()
-    save_checkpoint(run.trial.checkpoints, state, s.trainable, s.optimizer, run.cfg.train.checkpoints_keep)
+    ema = None
+    if s.ema is not None:
+        state.ema_updates = s.ema.optimization_step
+        ema = dict(zip(s.trainable, s.ema.shadow_params))
+    save_checkpoint(run.trial.checkpoints, state, s.trainable, s.optimizer, run.cfg.train.checkpoints_keep, ema)
 
 
 def _should_stop(run: _Run, stopper: Stopper):

@@ -42,6 +42,8 @@ class Setup:
     """Seconds spent reading data, loading the base (0 when kept from the last trial), filling the cache."""
     offloaded: list[str]
     """Frozen modules parked in CPU memory while training (see offload_cached_encoders)."""
+    ema: object | None = None
+    """diffusers' EMAModel of `trainable` (train.ema_decay), or None."""
 
 
 def setup(cfg: DictConfig, trial_number: int = 0, memory: MemoryMeter | None = None) -> Setup:
@@ -67,7 +69,19 @@ def setup(cfg: DictConfig, trial_number: int = 0, memory: MemoryMeter | None = N
         components.denoiser = compiled(components.denoiser, cfg.train)
     components.denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)
     return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler, accelerator,
-                 autocast_dtype, memory or MemoryMeter(device), timings, offloaded)
+                 autocast_dtype, memory or MemoryMeter(device), timings, offloaded, _setup_ema(cfg, trainable))
+
+
+def _setup_ema(cfg: DictConfig, trainable: dict[str, torch.nn.Parameter]):
+    """diffusers' EMAModel over the trainable (adapter) weights, on the CPU with train.ema_on_cpu; None when off."""
+    if not cfg.train.ema_decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(list(trainable.values()), decay=cfg.train.ema_decay)
+    if cfg.train.ema_on_cpu:
+        ema.to("cpu")
+    return ema
 
 
 def _setup_accelerator(device: torch.device):
