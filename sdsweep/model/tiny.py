@@ -54,9 +54,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def clip_bpe() -> tuple[dict[str, int], list[str]]:
     """CLIP's vocabulary (49408 tokens) and BPE merges, from open_clip's packaged file."""
-    import open_clip
+    import importlib.util
 
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    # the package's folder without importing it (open_clip imports timm and torchvision: 3 s)
+    path = Path(importlib.util.find_spec("open_clip").origin).parent / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(path).read().decode("utf-8").split("\n")
     merges = merges[1 : 49152 - 256 - 2 + 1]
     byte_chars = list(_bytes_to_unicode().values())
