@@ -89,7 +89,8 @@ def copy_samples(trial: TrialDir, folder: Path) -> list[str]:
     """Up to MAX_IMAGES of the trial's evaluation images into `folder/images/`; their paths in `folder`."""
     if not trial.samples.is_dir():
         return []
-    images = sorted(trial.samples.glob("*.png"))[:MAX_IMAGES]
+    # one per prompt first (seed 0 of each), then the other seeds
+    images = sorted(trial.samples.glob("*.png"), key=lambda p: (_seed_of(p.name), p.name))[:MAX_IMAGES]
     if not images:
         return []
     target = folder / CARD_IMAGES
@@ -99,15 +100,32 @@ def copy_samples(trial: TrialDir, folder: Path) -> list[str]:
     return [f"{CARD_IMAGES}/{image.name}" for image in images]
 
 
-def _prompt_of(image: str) -> str:
-    """The prompt slug of an image name (`03_a-red-circle-sdsweep-style_seed1.png`), in words."""
+def _seed_of(name: str) -> int:
+    match = re.search(r"_seed(\d+)\.png$", name)
+    return int(match.group(1)) if match else 0
+
+
+def sample_prompts(trial: TrialDir) -> dict[str, str]:
+    """{image file: its prompt as asked} from the trial's metrics.json (empty when it cannot be read)."""
+    try:
+        rows = json.loads(trial.metrics.read_text()).get("eval_images") or []
+        return {r["file"]: r["prompt"] for r in rows if isinstance(r, dict) and "file" in r and "prompt" in r}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _prompt_of(image: str, prompts: Mapping[str, str] | None = None) -> str:
+    """The prompt an image was drawn from: as asked (metrics.json), else its name's slug
+    (`03_a-red-circle-sdsweep-style_seed1.png`) in words."""
+    if prompts and Path(image).name in prompts:
+        return prompts[Path(image).name]
     stem = Path(image).stem
     stem = re.sub(r"^\d+_", "", re.sub(r"_seed\d+$", "", stem))
     return stem.replace("-", " ")
 
 
 def card_text(family: str, kind: str, config: Mapping | None, trial_name: str, row: Mapping[str, str] | None = None,
-              images: list[str] | None = None) -> str:
+              images: list[str] | None = None, image_prompts: Mapping[str, str] | None = None) -> str:
     images = images or []
     base = hub_id(_get(config, "model.pretrained"))
     prompts = [str(p) for p in (_get(config, "eval.prompts") or [])]
@@ -122,7 +140,7 @@ def card_text(family: str, kind: str, config: Mapping | None, trial_name: str, r
     if instance:
         front["instance_prompt"] = instance
     if images:
-        front["widget"] = [{"text": _prompt_of(i), "output": {"url": i}} for i in images]
+        front["widget"] = [{"text": _prompt_of(i, image_prompts), "output": {"url": i}} for i in images]
     model = base or _get(config, "model.pretrained") or f"sdsweep's built-in {_get(config, 'model.name', family)} model"
     rank, alpha = _get(config, "adapter.rank"), _get(config, "adapter.alpha")
     targets, text = _get(config, "targets.name"), _get(config, "text_encoder.name")
@@ -163,7 +181,7 @@ def card_text(family: str, kind: str, config: Mapping | None, trial_name: str, r
         lines += ["## Leaderboard row", "", "Its configuration's row of the sweep's `leaderboard.csv` (intervals: paired "
                   "bootstrap over prompt x seed cells).", "", *_row_table(row), ""]
     if images:
-        lines += ["## Samples", "", *[f"![{_prompt_of(i)}]({i})" for i in images], ""]
+        lines += ["## Samples", "", *[f"![{_prompt_of(i, image_prompts)}]({i})" for i in images], ""]
     if config:
         lines += ["## Training config", "", "```yaml", yaml.safe_dump(json.loads(json.dumps(config, default=str)),
                                                                     sort_keys=False).strip(), "```", ""]
@@ -177,5 +195,6 @@ def write_card(folder: Path, family: str, kind: str, config: Mapping | None, tri
 
     images = copy_samples(trial, folder) if with_samples else []
     path = Path(folder) / CARD
-    atomic_write_bytes(path, card_text(family, kind, config, trial.name, leaderboard_row(trial), images).encode())
+    text = card_text(family, kind, config, trial.name, leaderboard_row(trial), images, sample_prompts(trial))
+    atomic_write_bytes(path, text.encode())
     return path
