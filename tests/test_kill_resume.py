@@ -34,13 +34,19 @@ def _train_rows(trial: TrialDir) -> list[dict]:
     return [json.loads(line) for line in trial.train_log.read_text().splitlines()] if trial.train_log.exists() else []
 
 
+WRITE_TIME = ("modelspec.date",)
+"""The kohya file's metadata says when it was written: a resumed trial's adapter is written later."""
+
+
 def _adapter(path: Path) -> tuple[dict, dict]:
-    """An adapter file's tensors (as bytes) and metadata: what two equal files hold. Not the file's own bytes:
-    safetensors writes its metadata map in the order of a Rust HashMap, which differs from process to process."""
+    """An adapter file's tensors (as bytes) and metadata but its write time: what two equal files hold. Not
+    the file's own bytes: safetensors writes its metadata map in the order of a Rust HashMap, which differs
+    from process to process."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}, f.metadata()
+        metadata = {k: v for k, v in (f.metadata() or {}).items() if k not in WRITE_TIME}
+        return {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}, metadata
 
 
 def _kill_at(sweep: Path, trial: TrialDir, step: int, proc: subprocess.Popen) -> None:
