@@ -137,3 +137,15 @@ def test_set_level_metrics_carry_a_bootstrap_interval_over_the_images(make_cfg):
     flat, _ = scorer.score(same, base=None)
     assert flat["eval/color_distance_ci_low"] == pytest.approx(flat["eval/color_distance_ci_high"])
     assert "eval/vendi_ci_low" not in out and "eval/kid_ci_low" not in out  # biased by repeats: not bootstrapped
+
+
+def test_a_single_run_whose_encoders_are_missing_stops_before_training_with_the_fix(make_cfg, tmp_path, monkeypatch):
+    """No sweep preflight for a single run: the trial itself refuses before loading anything."""
+    from sdsweep.sweep.trial import run_trial
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    cfg = make_cfg(f"eval.dino_model={tmp_path / 'no-such-dino'}", evaluate=True)  # the toy model, a missing DINO
+    metrics = run_trial(cfg, tmp_path / "trial")
+    assert metrics["status"] == "failed" and "eval.dino_model" in metrics["reason"]
+    assert "losses" not in metrics and not (tmp_path / "trial" / "adapter").exists()

@@ -29,6 +29,7 @@ from sdsweep.layout import TrialDir
 from sdsweep.model import adapters, kept_base
 from sdsweep.model import load as models
 from sdsweep.sweep.early_stop import Stopper
+from sdsweep.sweep.preflight import missing_encoder_weights
 from sdsweep.sweep.prune import planned_estimate, prune_reason
 from sdsweep.sweep.resume import fingerprints, kept_trial
 from sdsweep.train.loop import NonFiniteLoss, finish_ema, train
@@ -78,6 +79,11 @@ def run_trial(
     if reason := prune_reason(cfg):
         metrics.update(status="pruned", reason=reason)
         log.warning("trial pruned: %s", reason)
+        _write_metrics(trial_dir, metrics)
+        return metrics
+    if missing := missing_encoder_weights([cfg]):  # a sweep's preflight said so already; a single run says it here
+        metrics.update(status="failed", reason="the encoders that would score it are missing: " + "; ".join(missing))
+        log.error("trial not started: %s", metrics["reason"])
         _write_metrics(trial_dir, metrics)
         return metrics
     return _train_and_record(cfg, trial_dir, metrics, group, trial_number)
