@@ -34,12 +34,12 @@ LEVEL = 0.95
 SEED = 0
 # the per-image metrics of eval_images (eval/scorer.py), and whether higher is better
 PER_IMAGE: dict[str, bool] = {"clip_score": True, "content_cos": True, "style_centroid_cos": True,
-                              "style_nn_cos": True, "clip_i": True, "dino_cos": True}
+                              "style_nn_cos": True, "clip_i": True, "dino_cos": True, "aesthetic": True}
 # The smallest difference that counts: below it two configurations tie whatever the interval says. A
 # learning rate of 1e-12 changes a few pixels by 1/255, which moves a cosine by ~1e-7 on every image
 # alike: a "significant" difference no person could see. Cosines by 0.001, the CLIP score (0-100) by 0.1.
 RESOLUTION: dict[str, float] = {"clip_score": 0.1, "content_cos": 1e-3, "style_centroid_cos": 1e-3,
-                                "style_nn_cos": 1e-3, "clip_i": 1e-3, "dino_cos": 1e-3}
+                                "style_nn_cos": 1e-3, "clip_i": 1e-3, "dino_cos": 1e-3, "aesthetic": 0.01}
 # resource -> (column of the leaderboard row, how to say it)
 RESOURCES = {"peak_memory_mb": "peak memory MB", "it_per_s": "it/s", "adapter_mb": "adapter MB",
              "train_s": "train s"}

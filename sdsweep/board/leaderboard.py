@@ -79,6 +79,7 @@ METRICS: dict[str, bool] = {
     "eval/dino_cos": True,
     "eval/dino_centroid_distance": False,
     "eval/vendi": True,  # more diverse; weight 0 by default: diversity is reported, not judged
+    "eval/aesthetic": True,  # eval.aesthetic=true: LAION's head on ViT-L/14 features; weight 0 by default
 }
 # a per-image metric's mean over one prompt set (eval/scorer.py split_means): in distribution (training captions)
 # and out of it (every other prompt), reported apart

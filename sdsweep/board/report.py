@@ -109,7 +109,7 @@ TABLE = [("rank", "rank", "d"), ("config", "configuration", ""), ("composite", "
          ("eval/clip_score", "CLIP score", ".2f"), ("eval/content_cos", "content", ".3f"),
          ("eval/style_centroid_cos", "style (centroid)", ".3f"), ("eval/style_nn_cos", "style (nearest)", ".3f"),
          ("eval/kid", "KID", ".4f"), ("eval/gram_distance", "Gram dist.", ".3f"),
-         ("eval/color_distance", "colour dist.", ".3f"), ("eval/clip_i", "CLIP-I", ".3f"), ("eval/dino_cos", "DINO", ".3f"),
+         ("eval/color_distance", "colour dist.", ".3f"), ("eval/clip_i", "CLIP-I", ".3f"), ("eval/dino_cos", "DINO", ".3f"), ("eval/aesthetic", "aesthetic", ".2f"),
          ("eval/vendi", "Vendi", ".2f"), ("trainable_params", "trainable params", ",.0f"),
          ("adapter_mb", "adapter MB", ".2f"), ("peak_vram_mb", "peak VRAM MB", ".0f"),
          ("peak_memory_mb", "peak memory MB", ".0f"), ("it_per_s", "it/s", ".2f"), ("train_s", "train s", ".1f"),

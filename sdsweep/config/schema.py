@@ -161,7 +161,8 @@ EVAL_METRICS = ("clip_score", "style", "kid", "random_style", "content", "fideli
 CLIP_METRICS = ("clip_score", "style", "kid", "content", "fidelity", "diversity")
 # each weight's key: a metric column of the leaderboard, without its "eval/" prefix
 SCORE_KEYS = ("clip_score", "content_cos", "style_centroid_cos", "style_nn_cos", "kid", "gram_distance",
-              "color_distance", "clip_i", "clip_centroid_distance", "dino_cos", "dino_centroid_distance", "vendi")
+              "color_distance", "clip_i", "clip_centroid_distance", "dino_cos", "dino_centroid_distance", "vendi",
+              "aesthetic")
 TINY_CLIP = "tiny"
 TOY_CLIP = "toy"
 
@@ -205,6 +206,12 @@ class EvalConfig:
     prompt with the trigger replaced by the description (a made-up word means nothing to CLIP)."""
     trigger_description: str | None = None
     """What the trigger stands for in words (`a watercolour painting`), put in its place on the text side."""
+    aesthetic: bool = False
+    """LAION's improved aesthetic predictor on the CLIP ViT-L/14 features (eval/aesthetic.py): eval/aesthetic,
+    roughly 1-10, higher is liked more; needs eval.clip_model ViT-L-14; weight 0 in the composite unless set."""
+    aesthetic_weights: str | None = None
+    """The head's weights: null = LAION's file (3.7 MB, downloaded once into <model.cache_dir>/aesthetic/), a
+    local .pth file, or another URL."""
     dino_model: str = "auto"
     """DINOv2 for fidelity (eval/dino.py): `auto` = facebook/dinov2-base (86 M parameters, ~350 MB downloaded
     once) for a real model and none for the models built in code (the toy world has no DINO); a hub id, a
@@ -226,7 +233,7 @@ class EvalConfig:
         default_factory=lambda: {"clip_score": 1.0, "content_cos": 1.0, "style_centroid_cos": 0.5,
                                  "style_nn_cos": 0.5, "kid": 0.5, "gram_distance": 0.25, "color_distance": 0.25,
                                  "clip_i": 0.0, "clip_centroid_distance": 0.0, "dino_cos": 0.5,
-                                 "dino_centroid_distance": 0.0, "vendi": 0.0}
+                                 "dino_centroid_distance": 0.0, "vendi": 0.0, "aesthetic": 0.0}
     )
     """Weights of the leaderboard's composite score (% better than the base model): a weighted mean of each
     metric's gain over the base model's value; 0 leaves a metric out."""

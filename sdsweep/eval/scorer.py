@@ -51,13 +51,17 @@ class Scorer:
     def __init__(self, cfg: DictConfig, device: torch.device):
         e = cfg.eval
         self.metrics, self.kid_subsets, self.device = set(e.metrics), e.kid_subsets, device
-        self.clip = self.dino = None
-        if self.metrics & set(CLIP_METRICS):
+        self.clip = self.dino = self.aesthetic = None
+        if self.metrics & set(CLIP_METRICS) or e.aesthetic:
             self.clip = M.load_clip(*clip_choice(cfg), cfg.model.cache_dir)
         if dino_name := dino_choice(cfg):
             from sdsweep.eval.dino import load_dino
 
             self.dino = load_dino(dino_name, cfg.model.cache_dir)
+        if e.aesthetic:
+            from sdsweep.eval.aesthetic import load_aesthetic
+
+            self.aesthetic = load_aesthetic(e.aesthetic_weights, cfg.model.cache_dir)
         self.trigger = (e.trigger, e.trigger_description) if e.trigger and e.trigger_description else None
         self.source = resolve_source(cfg.data, cfg.model.cache_dir)  # resolved once: an HF dataset opens here
         records = self.source.scan().records
@@ -120,6 +124,11 @@ class Scorer:
             out[f"{PREFIX}vendi"] = D.vendi_score(emb)
         if self.dino is not None:
             out.update(self._dino(samples, rows))
+        if self.aesthetic is not None:
+            scores = self.aesthetic(emb.cpu())
+            out[f"{PREFIX}aesthetic"] = float(scores.mean())
+            for row, value in zip(rows, scores.tolist()):
+                row["aesthetic"] = value
         if "kid" in self.metrics:
             try:
                 out[f"{PREFIX}kid"], out[f"{PREFIX}kid_std"] = M.kid(emb, ref_emb, self.kid_subsets)

@@ -689,7 +689,8 @@ def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
             trained.append(modules[name])
     trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     adapter_at_rest = sum(p.numel() * 4 + optimizer_state_bytes(p.numel(), cfg.optimizer.name) for p in trainable)
-    if cfg.train.ema_decay and not cfg.train.ema_on_cpu:  # the moving average: one fp32 copy of the adapter
+    averaged, offloaded = cfg.train.ema_decay > 0, cfg.train.ema_on_cpu  # both read: both are memo inputs
+    if averaged and not offloaded:  # the moving average: one fp32 copy of the adapter
         adapter_at_rest += sum(p.numel() * 4 for p in trainable)
 
     step_peak, grads = trace_step(cfg, modules, trained)

@@ -144,15 +144,19 @@ def missing_encoder_weights(configs: list[DictConfig]) -> list[str]:
     the cache, no such file), once for the whole sweep: every trial would train first and then fail to score.
     The fixes name the download (size, one command) or a stand-in."""
     from sdsweep.config.encoders import clip_choice, dino_choice
+    from sdsweep.eval.aesthetic import aesthetic_problem
     from sdsweep.eval.clip_weights import clip_problem
     from sdsweep.eval.dino import dino_problem
 
     scored = [cfg for cfg in configs if cfg.eval.enabled]
     clips = dict.fromkeys((*clip_choice(cfg), cfg.model.cache_dir) for cfg in scored
-                          if set(cfg.eval.metrics) & set(CLIP_METRICS))
+                          if set(cfg.eval.metrics) & set(CLIP_METRICS) or cfg.eval.aesthetic)
     dinos = dict.fromkeys((name, cfg.model.cache_dir) for cfg in scored if (name := dino_choice(cfg)))
+    heads = dict.fromkeys((cfg.eval.aesthetic_weights, cfg.model.cache_dir, clip_choice(cfg)[0]) for cfg in scored
+                          if cfg.eval.aesthetic)
     problems = [p for model, pretrained, cache in clips if (p := clip_problem(model, pretrained, cache))]
-    return problems + [p for name, cache in dinos if (p := dino_problem(name, cache))]
+    problems += [p for name, cache in dinos if (p := dino_problem(name, cache))]
+    return problems + [p for weights, cache, clip in heads if (p := aesthetic_problem(weights, cache, clip))]
 
 
 def shared_folders(cells: list[list[str]]) -> list[str]:
