@@ -211,19 +211,32 @@ def _pareto_chart(board: pd.DataFrame) -> str:
     if len(front) > 1:
         c.parts.append('<polyline fill="none" stroke="#d62728" stroke-dasharray="4 3" points="'
                        + " ".join(f"{c.x(p[0]):.1f},{c.y(p[1]):.1f}" for p in front) + '"/>')
-    for mem, score, on_front, label, rank in pts:
+    placed: list[tuple[float, float, float]] = []
+    for mem, score, on_front, label, rank in sorted(pts, key=lambda p: (-p[1], p[0])):
         colour = "#d62728" if on_front else "#888"
         c.parts.append(f'<circle cx="{c.x(mem):.1f}" cy="{c.y(score):.1f}" r="5" fill="{colour}">'
                        f"<title>{_e(label)}: {score:.3f} at {mem:.0f} MB</title></circle>"
-                       + _point_label(c, c.x(mem), c.y(score), f"#{rank} {label[:28]}"))
+                       + _point_label(c, c.x(mem), c.y(score), f"#{rank} {label[:28]}", placed))
     return c.svg()
 
 
-def _point_label(c: _Chart, x: float, y: float, text: str) -> str:
-    """Right of the point, or left of it near the right edge, so that it stays inside the chart."""
+LABEL_HEIGHT, CHAR_WIDTH = 13, 6.2  # px of a label line and of one character at font-size 11
+
+
+def _point_label(c: _Chart, x: float, y: float, text: str,
+                 placed: list[tuple[float, float, float]] | None = None) -> str:
+    """Right of the point, or left of it near the right edge, so that it stays inside the chart; moved down a
+    line while it would cover a label already `placed` (their (left, right, baseline), appended to): tied
+    configurations' points sit on top of each other."""
     right = x > c.w * 0.6
-    return (f'<text x="{x - 7 if right else x + 7:.1f}" y="{y - 6 if y > c.m[2] + 14 else y + 16:.1f}" '
-            f'text-anchor="{"end" if right else "start"}">{_e(text)}</text>')
+    tx, ty = x - 7 if right else x + 7, y - 6 if y > c.m[2] + 14 else y + 16
+    width = len(text) * CHAR_WIDTH
+    left_edge, right_edge = (tx - width, tx) if right else (tx, tx + width)
+    if placed is not None:
+        while any(abs(ty - py) < LABEL_HEIGHT and left_edge < p1 and p0 < right_edge for p0, p1, py in placed):
+            ty += LABEL_HEIGHT
+        placed.append((left_edge, right_edge, ty))
+    return f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{"end" if right else "start"}">{_e(text)}</text>'
 
 
 def _loss_chart(per_trial: pd.DataFrame, sources: dict[str, RowSource]) -> str:
