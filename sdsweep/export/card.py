@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from sdsweep.export.kohya import config_value
 from sdsweep.layout import KOHYA_ADAPTER, TrialDir
 
 CARD = "README.md"
@@ -28,15 +29,6 @@ FAMILY_TAGS = {"sd15": ["stable-diffusion", "stable-diffusion-diffusers"], "sdxl
                "sd3": ["sd3", "stable-diffusion-3"]}
 KIND_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)"}
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
-
-
-def _get(config: Mapping | None, dotted: str, default=None):
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
 
 
 def hub_id(pretrained: str | None) -> str | None:
@@ -127,8 +119,8 @@ def _prompt_of(image: str, prompts: Mapping[str, str] | None = None) -> str:
 def card_text(family: str, kind: str, config: Mapping | None, trial_name: str, row: Mapping[str, str] | None = None,
               images: list[str] | None = None, image_prompts: Mapping[str, str] | None = None) -> str:
     images = images or []
-    base = hub_id(_get(config, "model.pretrained"))
-    prompts = [str(p) for p in (_get(config, "eval.prompts") or [])]
+    base = hub_id(config_value(config, "model.pretrained"))
+    prompts = [str(p) for p in (config_value(config, "eval.prompts") or [])]
     instance = trigger(prompts)
     tags = ["text-to-image", *FAMILY_TAGS.get(family, [family]), "lora", "diffusers", "template:sd-lora", "sdsweep"]
     if kind in ("loha", "lokr"):
@@ -141,15 +133,15 @@ def card_text(family: str, kind: str, config: Mapping | None, trial_name: str, r
         front["instance_prompt"] = instance
     if images:
         front["widget"] = [{"text": _prompt_of(i, image_prompts), "output": {"url": i}} for i in images]
-    model = base or _get(config, "model.pretrained") or f"sdsweep's built-in {_get(config, 'model.name', family)} model"
-    rank, alpha = _get(config, "adapter.rank"), _get(config, "adapter.alpha")
-    targets, text = _get(config, "targets.name"), _get(config, "text_encoder.name")
+    model = base or config_value(config, "model.pretrained") or f"sdsweep's built-in {config_value(config, 'model.name', family)} model"
+    rank, alpha = config_value(config, "adapter.rank"), config_value(config, "adapter.alpha")
+    targets, text = config_value(config, "targets.name"), config_value(config, "text_encoder.name")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
         f"# {trial_name}", "",
         f"A {KIND_NAMES.get(kind, kind)} adapter for `{model}` ({family}), trained by an sdsweep trial: "
         f"rank {rank}, alpha {alpha}, targets `{targets}`, text encoders `{text}`, "
-        f"{_get(config, 'train.max_steps')} steps at {_get(config, 'data.resolution')} px.", "",
+        f"{config_value(config, 'train.max_steps')} steps at {config_value(config, 'data.resolution')} px.", "",
         "## Files", "",
         f"- `{KOHYA_ADAPTER}`: kohya/LyCORIS format, for ComfyUI (`models/loras/`, LoraLoader node) and "
         "A1111/Forge (`models/Lora/`, `<lora:NAME:1>` in the prompt)",

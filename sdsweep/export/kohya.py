@@ -154,7 +154,8 @@ def kohya_state_dict(family: str, components: Mapping[str, Component], kind: str
 # --- metadata, as kohya's sd-scripts writes it (ss_*), plus the trial's own -------------------------------
 
 
-def _get(config: Mapping | None, dotted: str, default=None):
+def config_value(config: Mapping | None, dotted: str, default=None):
+    """`config["a"]["b"]` for "a.b", or `default` where a part is missing (a trial's config as a plain mapping)."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -188,15 +189,15 @@ def kohya_metadata(family: str, kind: str, components: Mapping[str, Component],
     first = next(iter(components.values())).config
     rank = int(first["r"])
     alpha = float(first.get("lora_alpha", first.get("alpha", rank)))
-    resolution = _get(trial_config, "data.resolution")
-    steps = _get(trial_config, "train.max_steps")
-    base = _get(trial_config, "model.pretrained") or _get(trial_config, "model.name")
-    text_lr = _get(trial_config, "text_encoder.lr") or _get(trial_config, "train.lr")
+    resolution = config_value(trial_config, "data.resolution")
+    steps = config_value(trial_config, "train.max_steps")
+    base = config_value(trial_config, "model.pretrained") or config_value(trial_config, "model.name")
+    text_lr = config_value(trial_config, "text_encoder.lr") or config_value(trial_config, "train.lr")
     meta: dict[str, Any] = {
         "ss_network_module": "networks.lora" if kind == "lora" else "lycoris.kohya",
         "ss_network_dim": rank,
         "ss_network_alpha": alpha,
-        "ss_network_dropout": _get(trial_config, "adapter.dropout"),
+        "ss_network_dropout": config_value(trial_config, "adapter.dropout"),
         "ss_network_args": json.dumps(network_args(kind, rank, alpha, components)),
         "ss_base_model_version": BASE_MODEL_VERSION.get(family, family),
         "ss_v2": False,
@@ -204,19 +205,19 @@ def kohya_metadata(family: str, kind: str, components: Mapping[str, Component],
         "ss_resolution": f"({resolution}, {resolution})" if resolution else None,
         "ss_steps": steps,
         "ss_max_train_steps": steps,
-        "ss_learning_rate": _get(trial_config, "train.lr"),
-        "ss_unet_lr": _get(trial_config, "train.lr"),
+        "ss_learning_rate": config_value(trial_config, "train.lr"),
+        "ss_unet_lr": config_value(trial_config, "train.lr"),
         "ss_text_encoder_lr": text_lr if any(c not in DENOISERS for c in components) else None,
-        "ss_batch_size_per_device": _get(trial_config, "train.batch_size"),
-        "ss_gradient_accumulation_steps": _get(trial_config, "train.grad_accum"),
-        "ss_gradient_checkpointing": _get(trial_config, "train.gradient_checkpointing"),
-        "ss_mixed_precision": _get(trial_config, "precision.mixed_precision"),
-        "ss_optimizer": _get(trial_config, "optimizer.name"),
-        "ss_lr_scheduler": _get(trial_config, "optimizer.scheduler"),
-        "ss_max_grad_norm": _get(trial_config, "train.max_grad_norm"),
-        "ss_noise_offset": _get(trial_config, "train.noise_offset"),
-        "ss_caption_dropout_rate": _get(trial_config, "data.caption_dropout"),
-        "ss_seed": _get(trial_config, "seed"),
+        "ss_batch_size_per_device": config_value(trial_config, "train.batch_size"),
+        "ss_gradient_accumulation_steps": config_value(trial_config, "train.grad_accum"),
+        "ss_gradient_checkpointing": config_value(trial_config, "train.gradient_checkpointing"),
+        "ss_mixed_precision": config_value(trial_config, "precision.mixed_precision"),
+        "ss_optimizer": config_value(trial_config, "optimizer.name"),
+        "ss_lr_scheduler": config_value(trial_config, "optimizer.scheduler"),
+        "ss_max_grad_norm": config_value(trial_config, "train.max_grad_norm"),
+        "ss_noise_offset": config_value(trial_config, "train.noise_offset"),
+        "ss_caption_dropout_rate": config_value(trial_config, "data.caption_dropout"),
+        "ss_seed": config_value(trial_config, "seed"),
         "ss_output_name": trial_name,
         "ss_training_comment": f"sdsweep trial {trial_name}" if trial_name else "sdsweep",
         "modelspec.sai_model_spec": "1.0.0",
