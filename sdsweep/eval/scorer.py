@@ -68,6 +68,14 @@ class Scorer:
         self.references = reference_images(cfg, self.source, records)
         self.captions = {r.caption.strip() for r in records}
         self.prompts = evaluation_prompts(e, [r.caption for r in records])
+        self._of_references: dict[str, object] = {}
+
+    def _reference(self, name: str, compute):
+        """A feature of the reference images, computed once per scorer: the base model and the trial are
+        scored against the same references (everything encode/compute returns lives on the CPU)."""
+        if name not in self._of_references:
+            self._of_references[name] = compute()
+        return self._of_references[name]
 
     def split(self, prompt: str) -> str:
         """"in" for a prompt that is one of the training captions, "out" for any other."""
@@ -100,7 +108,7 @@ class Scorer:
         rows = [{"prompt": s.prompt, "seed": s.seed, "file": s.file, "split": self.split(s.prompt)} for s in samples]
         if self.clip:
             emb = self.clip.encode_images([s.image for s in samples], self.device)
-            ref_emb = self.clip.encode_images(self.references, self.device)
+            ref_emb = self._reference("clip", lambda: self.clip.encode_images(self.references, self.device))
             out[f"{PREFIX}clip_model"] = self.clip.name
         if "clip_score" in self.metrics:
             text = self.clip.encode_texts([self.text_side(s.prompt) for s in samples], self.device)
@@ -150,8 +158,10 @@ class Scorer:
     def _random_style(self, images: list[Image.Image]) -> dict:
         """Gram and colour distances to the training images, each with its bootstrap interval over the images."""
         net = M.RandomStyleNet(0)
-        grams, ref_grams = M.image_grams(images, net), M.mean_grams(self.references, net)
-        pixels, ref_q = M._to_tensor(images, 64), M.channel_quantiles(M._to_tensor(self.references, 64))
+        grams = M.image_grams(images, net)
+        ref_grams = self._reference("grams", lambda: M.mean_grams(self.references, net))
+        pixels = M._to_tensor(images, 64)
+        ref_q = self._reference("colour", lambda: M.channel_quantiles(M._to_tensor(self.references, 64)))
         out = {f"{PREFIX}gram_distance": M.gram_distance_of([g.mean(0) for g in grams], ref_grams),
                f"{PREFIX}color_distance": M.color_distance_of(pixels, ref_quantiles=ref_q)}
         out.update(_interval("gram_distance", lambda i: M.gram_distance_of([g[i].mean(0) for g in grams], ref_grams),
@@ -163,7 +173,7 @@ class Scorer:
     def _dino(self, samples: list[Sample], rows: list[dict]) -> dict:
         """DINO fidelity: each image's mean cosine to the training images' DINOv2 features, their centroid distance."""
         emb = self.dino.encode_images([s.image for s in samples], self.device)
-        ref = self.dino.encode_images(self.references, self.device)
+        ref = self._reference("dino", lambda: self.dino.encode_images(self.references, self.device))
         per_image = D.mean_cosine_per_image(emb, ref)
         for row, value in zip(rows, per_image.tolist()):
             row["dino_cos"] = value
