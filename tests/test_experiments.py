@@ -41,7 +41,8 @@ def test_the_studies_are_there():
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_cell_composes_and_validates(study, scale):
     cells = _cells(study, *(["scale=tiny"] if scale == "tiny" else []))
-    assert len(cells) == {"sdxl_t4": 12, "sd3_medium": 6}[study]
+    # sd3_medium: LoRA rank 1/16/64 x bf16/int8, and the same 6 cells with adapter=full (5 of them pruned when run)
+    assert len(cells) == {"sdxl_t4": 12, "sd3_medium": 12}[study]
     for _, cfg in cells:
         validate(cfg)
         if scale == "tiny":
@@ -110,12 +111,19 @@ def test_sd3_medium_in_tiny_form_profiles_bf16_and_prunes_int8_without_cuda(cach
                       f"hydra.sweep.dir={sweep}"], cli_env(cache_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = _trials(sweep)
-    assert len(trials) == 4
+    assert len(trials) == 8  # rank 1/64 x bf16/int8 x lora/full
     for name, metrics in trials.items():
-        if "precision=int8" in name and not torch.cuda.is_available():
+        if "adapter=full" in name and "precision=int8" in name:
+            assert metrics["status"] == "pruned" and "cannot be fine-tuned in full" in metrics["reason"]
+        elif "adapter=full" in name and "adapter.rank=64" in name:  # the rank=1 full cell trains it once
+            assert metrics["status"] == "pruned" and metrics["reason"].startswith("adapter=full ignores adapter.rank")
+        elif "precision=int8" in name and not torch.cuda.is_available():
             assert metrics["status"] == "pruned" and "needs a CUDA GPU" in metrics["reason"]
         else:
             assert metrics["status"] == "finished", metrics.get("reason")
             assert (sweep / name / "profile" / "trace.json").exists()
-    ranks = {m["trainable_params"] for m in trials.values() if m["status"] == "finished"}
-    assert len(ranks) == 2  # rank 1 and rank 64 train different numbers of parameters
+    finished = {name: m for name, m in trials.items() if m["status"] == "finished"}
+    assert sum("adapter=full" in name for name in finished) == 1
+    ranks = {m["trainable_params"] for m in finished.values()}
+    # rank 1 and rank 64 train different numbers of parameters, the full fine-tune every transformer weight
+    assert len(ranks) == len(finished)

@@ -16,7 +16,7 @@ from omegaconf import MISSING
 GROUPS = ("adapter", "targets", "text_encoder", "precision", "optimizer", "model", "data", "eval")
 ABLATION_AXES = ("adapter", "targets", "text_encoder", "precision", "optimizer")
 
-ADAPTER_KINDS = ("lora", "dora", "loha", "lokr")
+ADAPTER_KINDS = ("lora", "dora", "loha", "lokr", "full")
 LORA_INITS = ("gaussian", "kaiming")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -35,7 +35,7 @@ DEVICES = ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16))
 @dataclass
 class AdapterConfig:
     kind: str = "lora"
-    """lora | dora (peft use_dora) | loha | lokr."""
+    """lora | dora (peft use_dora) | loha | lokr | full (no adapter: the whole denoiser trains)."""
     rank: int = 8
     """Adapter rank r: capacity, size and memory all grow with it."""
     alpha: float = 8.0

@@ -37,6 +37,7 @@ from sdsweep.config.schema import (
     DataConfig,
     ModelConfig,
     OptimizerConfig,
+    TargetsConfig,
     TrainConfig,
 )
 from sdsweep.config.store import in_schema, schema_fields, schema_hint
@@ -295,6 +296,7 @@ def _clip(p: list[str], model: str, pretrained: str | None) -> None:
 
 # --- options this combination would ignore ----------------------------------------------------------
 
+FULL_IGNORED_ADAPTER_KEYS = ("rank", "alpha", "dropout", "init")
 FLOW_MATCHING_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
 
 
@@ -312,6 +314,11 @@ def warnings(cfg: DictConfig | Config) -> list[str]:
                  "(diffusers drops it): use optimizer.scheduler=constant_with_warmup")
     if a.kind in ("loha", "lokr") and a.init != AdapterConfig.init:
         w.append(f"adapter.init={a.init} does nothing with adapter={a.kind}, which always starts as a zero update")
+    if a.kind == "full":
+        w += [f"adapter.{k}={a[k]} does nothing with adapter=full (no adapter: every denoiser weight trains)"
+              for k in FULL_IGNORED_ADAPTER_KEYS if a[k] != getattr(AdapterConfig, k)]
+        if cfg.targets.name != TargetsConfig.name:
+            w.append(f"targets={cfg.targets.name} does nothing with adapter=full (every denoiser weight trains)")
     if m.family != "sd3":
         changed = [k for k in FLOW_MATCHING_KEYS if tr[k] != getattr(TrainConfig, k)]
         w += [f"train.{k}={tr[k]} is for sd3's flow matching and does nothing with model.family={m.family}"

@@ -43,6 +43,7 @@ from sdsweep.eval.scorer import PREFIX, Scorer
 from sdsweep.io import atomic_dir, atomic_write_json
 from sdsweep.layout import TrialDir
 from sdsweep.model import load as models
+from sdsweep.model.adapters import FULL
 from sdsweep.model.precision import autocast_dtype_of
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,12 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
     if components is None:
         components = models.load_components(cfg.model, cfg.precision)
         models.place(components, cfg.precision, models.resolve_device(cfg.device))
+    elif cfg.adapter.kind == FULL:
+        # the trial trained this denoiser itself (it is saved): the base model's images need the base's
+        # weights, and the trial's are read back from its folder below like any adapter
+        device = next(components.denoiser.parameters()).device
+        components.denoiser = None
+        components.denoiser = models.load_base_denoiser(cfg.model, cfg.precision, device)
     pipe = build_pipeline(components)
     device = pipeline_denoiser(pipe).device
     autocast_dtype = autocast_dtype_of(cfg.precision)

@@ -93,9 +93,12 @@ def adaptable_modules(pipe) -> dict[str, torch.nn.Module]:
 
 def load_saved_adapter(pipe, adapter_dir: Path, kind: str) -> None:
     """Load the trial's adapter from its saved files, the way a user would."""
-    from sdsweep.model.adapters import LORA_WEIGHTS, load_adapter
+    from sdsweep.model.adapters import FULL, LORA_WEIGHTS, load_adapter, load_denoiser
 
-    if kind in ("lora", "dora"):
+    if kind == FULL:  # the trained denoiser takes the base's place, read from its diffusers folder
+        slot = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+        setattr(pipe, slot, load_denoiser(Path(adapter_dir), slot, pipeline_denoiser(pipe)))
+    elif kind in ("lora", "dora"):
         pipe.load_lora_weights(str(adapter_dir), weight_name=LORA_WEIGHTS)
         if kind == "dora":
             _restore_text_encoder_magnitudes(pipe, Path(adapter_dir) / LORA_WEIGHTS)

@@ -3,7 +3,9 @@
 peft provides LoRA, DoRA, LoHa and LoKr; this module only turns the config into peft
 configs, resolves target patterns against the loaded network (so a pattern set that
 matches nothing is caught with real module names in the message), and saves the result
-in the format diffusers' `load_lora_weights` reads.
+in the format diffusers' `load_lora_weights` reads. `adapter=full` is the baseline the adapters
+are measured against: no adapter, every weight of the denoiser trains (in fp32), and the
+trained denoiser is saved as a diffusers model folder that `from_pretrained` reads.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 # Layer types peft can wrap with every adapter kind we offer.
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+FULL = "full"
+DENOISER_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name inside a model folder
 
 
 class TargetError(ValueError):
@@ -77,10 +81,17 @@ def peft_config(cfg: AdapterConfig, target_names: list[str]):
 
 def attach(model: torch.nn.Module, cfg: AdapterConfig, patterns: list[str], what: str) -> list[str]:
     """Attach a `cfg` adapter to the modules of `model` matching `patterns`; upcast it to fp32.
+    adapter=full: no adapter; every parameter of `model` trains, in fp32 (patterns are not read).
 
     Adapter weights train in fp32 whatever the base's dtype (diffusers' cast_training_params):
-    fp16 weights would underflow their small updates.
+    fp16 weights would underflow their small updates. A full fine-tune keeps an fp32 copy of the
+    whole denoiser for the same reason (diffusers' train_text_to_image trains the UNet in fp32).
     """
+    if cfg.kind == FULL:
+        model.requires_grad_(True)
+        for param in model.parameters():
+            param.data = param.data.float()
+        return [name for name, _ in model.named_parameters()]
     names = resolve_targets(model, patterns, what)
     model.add_adapter(peft_config(cfg, names))
     for param in model.parameters():
@@ -122,6 +133,10 @@ def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.
     A1111/Forge), and the model card `README.md` (sdsweep/export). `trial_config`: the trial's resolved
     config for their metadata; None reads the trial folder's `.hydra/config.yaml` when there is one.
     """
+    if kind == FULL:
+        with atomic_dir(folder) as tmp:
+            save_denoiser(tmp, family, modules["unet"])
+        return folder
     adapted = {pipeline_component(family, n): m for n, m in modules.items()
                if getattr(m, "_hf_peft_config_loaded", False)}
     with atomic_dir(folder) as tmp:
@@ -131,6 +146,30 @@ def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.
             _save_peft(tmp, adapted)
         _save_exports(tmp, Path(folder), family, kind, adapted, trial_config)
     return folder
+
+
+def save_denoiser(folder: Path, family: str, denoiser: torch.nn.Module) -> Path:
+    """adapter=full: the trained denoiser as a diffusers model folder (`unet/` or SD3's `transformer/`:
+    config.json and diffusion_pytorch_model.safetensors), which `UNet2DConditionModel.from_pretrained` /
+    `SD3Transformer2DModel.from_pretrained` read and a pipeline takes as its denoiser. In fp32, the dtype
+    it trained in (as diffusers' train_text_to_image saves it): casting to fp16 here would round away a
+    short fine-tune's updates. Written tensor by tensor, so the live model is neither cast nor copied."""
+    from safetensors.torch import save_file
+
+    sub = Path(folder) / pipeline_component(family, "unet")
+    sub.mkdir(parents=True)
+    denoiser.save_config(sub)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in denoiser.state_dict().items()}
+    save_file(state, sub / DENOISER_WEIGHTS, metadata={"format": "pt"})
+    return sub
+
+
+def load_denoiser(folder: Path, component: str, like: torch.nn.Module) -> torch.nn.Module:
+    """The denoiser `save_denoiser` wrote (`component`: unet or transformer), read with diffusers'
+    from_pretrained the way a user would, on `like`'s device and in its dtype (the base's sampling dtype)."""
+    sub = Path(folder) / component
+    parameter = next(like.parameters())
+    return type(like).from_pretrained(sub, torch_dtype=parameter.dtype).to(parameter.device).eval()
 
 
 def _save_exports(tmp: Path, folder: Path, family: str, kind: str, adapted: dict[str, torch.nn.Module],

@@ -261,6 +261,22 @@ def load_components(cfg: ModelConfig, precision: PrecisionConfig | None = None) 
     return components
 
 
+def load_base_denoiser(cfg: ModelConfig, precision: PrecisionConfig, device: torch.device) -> torch.nn.Module:
+    """The base's denoiser alone, frozen and placed as `place` places it: for evaluating a full fine-tune,
+    whose trial trained its own copy in place (a single-file checkpoint is read whole: it has no parts)."""
+    source = resolve_source(cfg)
+    dtype = storage_dtypes(precision)["denoiser"]
+    if Path(source).is_file():
+        denoiser = load_components(cfg, precision).denoiser
+    else:
+        from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+        cls, sub = (SD3Transformer2DModel, "transformer") if cfg.family == "sd3" else (UNet2DConditionModel, "unet")
+        denoiser = _load(cls, source, sub, cfg, dtype=dtype)
+    denoiser.requires_grad_(False)
+    return denoiser.to(device, dtype=dtype).eval()
+
+
 def quantize_unet(unet: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> torch.nn.Module:
     """Swap the UNet's frozen nn.Linear layers for bitsandbytes int8 / nf4 layers (CUDA only).
 

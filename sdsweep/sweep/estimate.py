@@ -17,7 +17,8 @@ How, with no weights read and nothing on a GPU:
   else left in fp32, as `models.quantize_unet` leaves it.
 * Adapter: attached with the project's own `adapters.attach` to the meta denoiser (and text
   encoders when they train): fp32 parameters, fp32 gradients and the optimizer's state (and with
-  train.ema_decay, unless train.ema_on_cpu, the moving average: one more fp32 copy).
+  train.ema_decay, unless train.ema_on_cpu, the moving average: one more fp32 copy). adapter=full:
+  the same for every weight of the denoiser, which then has no frozen copy.
 * One training step: the meta denoiser, with its adapters, dtypes and gradient checkpointing as
   the trial will have them, runs forward and backward on meta tensors at the trial's latent size
   and batch. A dispatch mode counts every storage the step allocates for as long as it lives, so
@@ -679,6 +680,8 @@ def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
             m.to(DTYPES[_placed_dtype(name, m, pr)])
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    if cfg.adapter.kind == adapters.FULL:  # its weights are the trainable fp32 copy counted below, not frozen ones
+        weights[denoiser_name] = sum(b.numel() * b.element_size() for b in modules[denoiser_name].buffers())
     adapters.attach(modules[denoiser_name], cfg.adapter, adapters.denoiser_patterns(cfg.targets, family),
                     denoiser_name)
     trained = []

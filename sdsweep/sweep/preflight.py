@@ -36,6 +36,58 @@ def expand_cells(overrides: list[str]) -> list[list[str]]:
     return [cell for batch in BasicSweeper.split_arguments(parsed, None) for cell in batch]
 
 
+def launched_cells(sweep_dir: Path) -> list[list[str]]:
+    """Every cell of the sweep in `sweep_dir` as its multirun.yaml launched them: the study's
+    hydra.sweeper.params first, then the command line's overrides (the later value of a key wins),
+    expanded in the basic sweeper's order."""
+    from omegaconf import OmegaConf
+
+    from sdsweep.layout import SweepDir
+
+    launched = OmegaConf.load(SweepDir(sweep_dir).multirun).hydra
+    params = [f"{k}={v}" for k, v in (launched.sweeper.get("params") or {}).items()]
+    return expand_cells(params + list(launched.overrides.task))
+
+
+# keys adapter=full does not read (it has no adapter): cells differing only in them train the same thing
+FULL_IGNORED_OVERRIDES = ("adapter.rank", "adapter.alpha", "adapter.dropout", "adapter.init", "targets")
+
+
+def repeated_cell_reason(cfg: DictConfig, trial_dir: Path, overrides: list[str]) -> str | None:
+    """Why this cell of a sweep repeats an earlier one, or None.
+
+    adapter=full ignores the adapter's shape and the targets, so in a study that sweeps adapter=lora,full
+    against adapter.rank=1,16,64 the three full cells would train the same model three times. The first
+    of them in the launch order trains; the others are pruned naming it. Decided from multirun.yaml alone,
+    so a resumed sweep and every worker of a parallel launcher decide the same."""
+    from sdsweep.layout import TrialDir
+
+    sweep = TrialDir(trial_dir).sweep
+    if cfg.adapter.kind != "full" or sweep is None:
+        return None
+    try:
+        cells = launched_cells(sweep.path)
+    except Exception:  # noqa: BLE001 - an unreadable multirun.yaml: train, as without this check
+        return None
+
+    def trained(cell: list[str]) -> dict[str, str]:
+        pairs = dict(o.split("=", 1) for o in cell if "=" in o and not o.startswith("hydra"))
+        return {k: v for k, v in pairs.items() if k.lstrip("+~") not in FULL_IGNORED_OVERRIDES
+                and not k.lstrip("+~").startswith("targets.")}
+
+    overrides = expand_cells(overrides)[0]  # written as the sweeper writes a cell's values
+    mine = trained(overrides)
+    for cell in cells:
+        if trained(cell) != mine:
+            continue
+        if sorted(cell) == sorted(overrides):
+            return None  # this cell is the first of those that train the same model
+        ignored = sorted(set(cell) ^ set(overrides))
+        return (f"adapter=full ignores {', '.join(sorted({o.split('=')[0] for o in ignored}))}: the same training "
+                f"as the cell [{' '.join(cell)}], which trains it once for the sweep")
+    return None
+
+
 def preflight(overrides: list[str]) -> list[str]:
     """Compose and validate every cell; return the problems (empty: all cells can launch)."""
     from hydra import compose, initialize_config_module

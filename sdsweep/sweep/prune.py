@@ -39,6 +39,8 @@ def planned_estimate(cfg: DictConfig) -> Estimate:
 def prune_reason(cfg: DictConfig) -> str | None:
     """Why this cell cannot run on this machine, or None."""
     pr, cuda = cfg.precision, runs_on_cuda(cfg)
+    if cfg.adapter.kind == "full" and (reason := full_fine_tuning_reason(cfg)):
+        return reason
     if pr.quantize != "none" and not cuda:
         return (f"precision={pr.name} quantizes the base with bitsandbytes, which needs a CUDA GPU; "
                 "use precision=fp16, bf16 or fp32 here")
@@ -54,6 +56,19 @@ def prune_reason(cfg: DictConfig) -> str | None:
         return reason
     if cuda:
         return over_budget_reason(cfg)
+    return None
+
+
+def full_fine_tuning_reason(cfg: DictConfig) -> str | None:
+    """Why an adapter=full cell cannot train, or None. Pruned rather than refused: in a matrix such as
+    adapter=lora,full x precision=bf16,int8 the other cells of the row are valid."""
+    if cfg.precision.quantize != "none":
+        return (f"adapter=full with precision={cfg.precision.name}: a bitsandbytes-quantized weight has no "
+                "gradient, so a quantized base cannot be fine-tuned in full; use precision=bf16, fp16 or fp32 "
+                "(the quantized cells are for the adapters)")
+    if cfg.text_encoder.train:
+        return (f"adapter=full with text_encoder={cfg.text_encoder.name}: full fine-tuning trains the denoiser "
+                "only (as diffusers' train_text_to_image does); use text_encoder=frozen")
     return None
 
 

@@ -29,7 +29,7 @@ from sdsweep.layout import TrialDir
 from sdsweep.model import adapters, kept_base
 from sdsweep.model import load as models
 from sdsweep.sweep.early_stop import Stopper
-from sdsweep.sweep.preflight import missing_encoder_weights
+from sdsweep.sweep.preflight import missing_encoder_weights, repeated_cell_reason
 from sdsweep.sweep.prune import planned_estimate, prune_reason
 from sdsweep.sweep.resume import fingerprints, kept_trial
 from sdsweep.train.loop import NonFiniteLoss, finish_ema, train
@@ -76,7 +76,7 @@ def run_trial(
     clock = time.perf_counter()
     metrics.update(planned_estimate(cfg).metrics())  # computed once per config and process (preflight's too)
     metrics["estimate_s"] = time.perf_counter() - clock
-    if reason := prune_reason(cfg):
+    if reason := prune_reason(cfg) or repeated_cell_reason(cfg, trial_dir, list(overrides or [])):
         metrics.update(status="pruned", reason=reason)
         log.warning("trial pruned: %s", reason)
         _write_metrics(trial_dir, metrics)
