@@ -26,7 +26,7 @@ OUTSIDE_ITS_GROUP.update({("model", option): {"train"} for option in GROUP_OPTIO
 
 
 def test_every_group_lists_the_options_the_issue_asks_for():
-    assert GROUP_OPTIONS["adapter"] == ["dora", "full", "loha", "lokr", "lora"]
+    assert GROUP_OPTIONS["adapter"] == ["dora", "full", "loha", "lokr", "lora", "textual_inversion"]
     assert GROUP_OPTIONS["targets"] == ["attn", "cross_attn", "many", "self_attn"]
     assert GROUP_OPTIONS["text_encoder"] == ["frozen", "lora"]
     assert GROUP_OPTIONS["precision"] == ["bf16", "fp16", "fp32", "int8", "nf4"]

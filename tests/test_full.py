@@ -136,3 +136,10 @@ def test_sdxl_full_fine_tuning_on_a_16_gb_budget_is_pruned_with_its_predicted_pe
             "train.gradient_checkpointing=true", "optimizer=adamw8bit", "sweep.vram_budget_gb=16")
     reason = prune_reason(make_cfg(*sdxl, "adapter=full"))
     assert reason is not None and "predicted peak" in reason and "sweep.vram_budget_gb=16" in reason
+
+
+def test_the_export_command_says_the_saved_folder_already_is_the_usable_model(full_trial):
+    from sdsweep.export.trial import TrialError, open_trial
+
+    with pytest.raises(TrialError, match="already is the trained denoiser as a diffusers folder"):
+        open_trial(full_trial[1].path)

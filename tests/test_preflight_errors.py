@@ -37,7 +37,7 @@ def test_a_value_of_the_wrong_type_gets_the_expected_type():
 def test_an_unknown_option_lists_the_options_without_hydras_search_path():
     assert preflight(["adapter=lorra"]) == [
         "[adapter=lorra] In 'config': Could not find 'adapter/lorra': Available options in 'adapter': "
-        "dora, full, loha, lokr, lora"]
+        "dora, full, loha, lokr, lora, textual_inversion"]
 
 
 def test_a_data_path_that_is_not_there_is_one_problem_for_the_sweep(cache_dir, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from omegaconf import MISSING
 GROUPS = ("adapter", "targets", "text_encoder", "precision", "optimizer", "model", "data", "eval")
 ABLATION_AXES = ("adapter", "targets", "text_encoder", "precision", "optimizer")
 
-ADAPTER_KINDS = ("lora", "dora", "loha", "lokr", "full")
+ADAPTER_KINDS = ("lora", "dora", "loha", "lokr", "full", "textual_inversion")
 LORA_INITS = ("gaussian", "kaiming")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -35,7 +35,8 @@ DEVICES = ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16))
 @dataclass
 class AdapterConfig:
     kind: str = "lora"
-    """lora | dora (peft use_dora) | loha | lokr | full (no adapter: the whole denoiser trains)."""
+    """lora | dora (peft use_dora) | loha | lokr | full (no adapter: the whole denoiser trains) |
+    textual_inversion (a new token's embeddings in each text encoder, nothing else)."""
     rank: int = 8
     """Adapter rank r: capacity, size and memory all grow with it."""
     alpha: float = 8.0
@@ -44,6 +45,18 @@ class AdapterConfig:
     """Dropout on the adapter path (LoRA dropout; module dropout for LoHa/LoKr)."""
     init: str = "gaussian"
     """lora/dora: peft init_lora_weights (gaussian, kaiming); loha/lokr always start at zero."""
+    token: str = "<sdsweep>"
+    """textual_inversion: the new word learned (added to every caption and evaluation prompt lacking it)."""
+    num_vectors: int = 1
+    """textual_inversion: embedding vectors the token stands for (`<token>`, `<token>_1`, ...)."""
+    initializer_token: str = "style"
+    """textual_inversion: one existing token whose embedding the new vectors start from."""
+
+
+def trains_text_encoders(cfg) -> bool:
+    """Whether a trial changes its text encoders (their outputs can then not be cached): text_encoder=lora,
+    or textual inversion's new embeddings."""
+    return bool(cfg.text_encoder.train or cfg.adapter.kind == "textual_inversion")
 
 
 @dataclass

@@ -92,6 +92,13 @@ def _adapter(p: list[str], cfg: Any) -> None:
         p.append(f"adapter.dropout={a.dropout}: must be in [0, 1)")
     if a.kind in ("lora", "dora"):
         _check_choice(p, "adapter.init", a.init, LORA_INITS)
+    if a.kind == "textual_inversion":
+        if a.num_vectors < 1:
+            p.append(f"adapter.num_vectors={a.num_vectors}: must be >= 1 (1 to 8 is usual)")
+        if not a.token.strip() or len(a.token.split()) != 1:
+            p.append(f"adapter.token={a.token!r}: must be one word without spaces, e.g. '<my-style>'")
+        if not a.initializer_token.strip() or len(a.initializer_token.split()) != 1:
+            p.append(f"adapter.initializer_token={a.initializer_token!r}: must be one word, e.g. style")
 
 
 def _targets(p: list[str], cfg: Any) -> None:
@@ -314,11 +321,16 @@ def warnings(cfg: DictConfig | Config) -> list[str]:
                  "(diffusers drops it): use optimizer.scheduler=constant_with_warmup")
     if a.kind in ("loha", "lokr") and a.init != AdapterConfig.init:
         w.append(f"adapter.init={a.init} does nothing with adapter={a.kind}, which always starts as a zero update")
-    if a.kind == "full":
-        w += [f"adapter.{k}={a[k]} does nothing with adapter=full (no adapter: every denoiser weight trains)"
+    why = {"full": "no adapter: every denoiser weight trains",
+           "textual_inversion": "only new token embeddings train"}.get(a.kind)
+    if why:
+        w += [f"adapter.{k}={a[k]} does nothing with adapter={a.kind} ({why})"
               for k in FULL_IGNORED_ADAPTER_KEYS if a[k] != getattr(AdapterConfig, k)]
         if cfg.targets.name != TargetsConfig.name:
-            w.append(f"targets={cfg.targets.name} does nothing with adapter=full (every denoiser weight trains)")
+            w.append(f"targets={cfg.targets.name} does nothing with adapter={a.kind} ({why})")
+    if a.kind != "textual_inversion":
+        w += [f"adapter.{k}={a[k]} is textual inversion's and does nothing with adapter={a.kind}"
+              for k in ("token", "num_vectors", "initializer_token") if a[k] != getattr(AdapterConfig, k)]
     if m.family != "sd3":
         changed = [k for k in FLOW_MATCHING_KEYS if tr[k] != getattr(TrainConfig, k)]
         w += [f"train.{k}={tr[k]} is for sd3's flow matching and does nothing with model.family={m.family}"

@@ -48,6 +48,7 @@ from filelock import FileLock
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from sdsweep.config.schema import trains_text_encoders
 from sdsweep.data import toy_world
 from sdsweep.data.dataset import CaptionedImages, cover_size
 from sdsweep.data.folder import Record
@@ -297,7 +298,7 @@ def latents_cached(cfg, dataset: CaptionedImages | None = None) -> bool | None:
 def text_cached(cfg) -> bool:
     """Whether a trial reads its text-encoder outputs from the cache: not when the encoders train
     (their outputs change every step)."""
-    return bool(cfg.cache.enabled and not cfg.text_encoder.train)
+    return bool(cfg.cache.enabled and not trains_text_encoders(cfg))
 
 
 def _builtin_geometry(data_cfg) -> CaptionedImages | None:
@@ -337,7 +338,7 @@ def prepare(cfg, components, dataset, device: torch.device, autocast_dtype: torc
     if text_cached(cfg):
         text = _prepare_text(cfg, components, dataset, root, device, autocast_dtype)
     else:
-        text = "live (text_encoder.train: the encoders change every step)"
+        text = "live (text_encoder.train or textual inversion: the encoders change every step)"
     report = {"latents": latents, "text": text}
     for kind, what in report.items():
         if isinstance(what, dict):

@@ -35,6 +35,7 @@ from sdsweep.eval.base import base_samples_key, ensure_base
 from sdsweep.eval.sampling import (
     build_pipeline,
     generate,
+    image_name,
     load_saved_adapter,
     pipeline_denoiser,
     sampling_batch,
@@ -43,6 +44,7 @@ from sdsweep.eval.scorer import PREFIX, Scorer
 from sdsweep.io import atomic_dir, atomic_write_json
 from sdsweep.layout import TrialDir
 from sdsweep.model import load as models
+from sdsweep.model import textual_inversion
 from sdsweep.model.adapters import FULL
 from sdsweep.model.precision import autocast_dtype_of
 
@@ -86,12 +88,19 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
     autocast_dtype = autocast_dtype_of(cfg.precision)
     scorer = Scorer(cfg, device)  # before sampling: a CLIP model that cannot load fails in seconds
     pipe.unload_lora_weights()  # the trained layers out: this is the base model now
+    inverted = cfg.adapter.kind == textual_inversion.KIND
+    if inverted:
+        textual_inversion.remove(pipe, cfg.adapter)  # and the trained tokens
     key, info = base_samples_key(cfg, components.source, device, scorer.source.identity, scorer.prompts)
     clock = time.perf_counter()
     base = ensure_base(cfg, pipe, trial.base(key), info, scorer, autocast_dtype)
     base_s, clock = time.perf_counter() - clock, time.perf_counter()
-    load_saved_adapter(pipe, trial.adapter, cfg.adapter.kind)
-    samples = generate(pipe, scorer.prompts, list(cfg.eval.seeds), cfg.eval, autocast_dtype, sampling_batch(cfg))
+    if inverted:
+        textual_inversion.load(pipe, trial.adapter, cfg.adapter)
+        samples = _generate_with_token(pipe, scorer.prompts, cfg, autocast_dtype)
+    else:
+        load_saved_adapter(pipe, trial.adapter, cfg.adapter.kind)
+        samples = generate(pipe, scorer.prompts, list(cfg.eval.seeds), cfg.eval, autocast_dtype, sampling_batch(cfg))
     with atomic_dir(trial.samples) as tmp:
         for s in samples:
             s.image.save(tmp / s.file)
@@ -100,6 +109,19 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
     scores, rows = scorer.score(samples, [by_cell[(s.prompt, s.seed)] for s in samples])
     timings = {"eval_base_s": base_s, "sample_s": sample_s, "score_s": time.perf_counter() - clock}
     return {**scores, f"{PREFIX}base_key": key, "eval_images": rows, **timings}
+
+
+def _generate_with_token(pipe, prompts: list[str], cfg: DictConfig, autocast_dtype) -> list:
+    """Textual inversion: every prompt asks for the learned word (the pipeline expands it to all its vectors);
+    each sample keeps its prompt's own text and file name, so it is scored and paired with the base's
+    image of the same prompt and seed as any other trial's."""
+    asked = [textual_inversion.with_token(p, cfg.adapter.token) for p in prompts]
+    samples = generate(pipe, asked, list(cfg.eval.seeds), cfg.eval, autocast_dtype, sampling_batch(cfg))
+    per_prompt = len(cfg.eval.seeds)  # generate draws every seed of the first prompt, then of the next
+    for k, s in enumerate(samples):
+        i = k // per_prompt
+        s.prompt, s.file = prompts[i], image_name(i, prompts[i], s.seed)
+    return samples
 
 
 # --- re-scoring a finished trial from its folder ----------------------------------------------------

@@ -184,9 +184,13 @@ def decode(pipe, latents: torch.Tensor, tiling: bool = False) -> list[Image.Imag
 def sample_validation(cfg: DictConfig, components, autocast_dtype: torch.dtype | None, out: Path) -> list[Sample]:
     """The eval prompts and seeds sampled with the modules as they are mid-training (adapters included),
     saved into `out`; the modules go back to training mode afterwards."""
+    from sdsweep.model import textual_inversion
+
     pipe = build_pipeline(components)  # shares the trial's modules, no copy
-    samples = generate(pipe, read_prompts(cfg.eval), list(cfg.eval.seeds), cfg.eval, autocast_dtype,
-                       sampling_batch(cfg))
+    prompts = read_prompts(cfg.eval)
+    if cfg.adapter.kind == textual_inversion.KIND:  # the tokenizers know the new word mid-training: ask for it
+        prompts = [textual_inversion.with_token(p, cfg.adapter.token) for p in prompts]
+    samples = generate(pipe, prompts, list(cfg.eval.seeds), cfg.eval, autocast_dtype, sampling_batch(cfg))
     for module in components.modules().values():  # generate() put them in eval mode
         module.train(any(p.requires_grad for p in module.parameters()))
     from sdsweep.io import atomic_dir

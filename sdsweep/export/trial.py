@@ -67,6 +67,8 @@ def open_trial(path: Path | str) -> Trial:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(trial.config))
     except Exception as e:  # noqa: BLE001 - any parse or schema error: say which file
         raise TrialError(f"{trial.config} cannot be read as an sdsweep config ({type(e).__name__}: {e})") from e
+    if (reason := _not_an_adapter(str(cfg.adapter.kind), trial)) is not None:
+        raise TrialError(reason)
     if not saved.has_adapter(trial.adapter):
         metrics = trial.read_metrics() or {}
         status = metrics.get("status", "not started")
@@ -75,6 +77,19 @@ def open_trial(path: Path | str) -> Trial:
             f"{folder} has no adapter yet (status: {status}{why}): nothing to export. Train it first: resume its "
             f"sweep with `python -m sdsweep sweep.resume={folder.parent}`, or run it again")
     return Trial(trial, cfg)
+
+
+def _not_an_adapter(kind: str, trial: TrialDir) -> str | None:
+    """Why a full fine-tune or a textual inversion has nothing to export: its saved file already is the usable one."""
+    if kind == "full":
+        return (f"{trial.path} is a full fine-tune (adapter=full), not an adapter: {trial.adapter}/unet (SD3: "
+                "transformer) already is the trained denoiser as a diffusers folder; load it with "
+                "UNet2DConditionModel.from_pretrained (or SD3Transformer2DModel) and pass it to the pipeline as unet=")
+    if kind == "textual_inversion":
+        return (f"{trial.path} is a textual inversion: {trial.adapter}/learned_embeds.safetensors already is the "
+                "embedding file A1111/Forge and ComfyUI read (copy it into their embeddings folder) and diffusers' "
+                "pipe.load_textual_inversion reads (with token=)")
+    return None
 
 
 def _not_a_trial(folder: Path) -> str:

@@ -55,8 +55,8 @@ def give_back(cfg: DictConfig, components: models.Components | None, device: tor
         return
     if not (clean and cfg.sweep.keep_base_loaded):
         return  # the caller drops its references; nothing kept here
-    if cfg.adapter.kind == "full":
-        return  # its denoiser's own weights trained: no longer the base (the next trial loads it again)
+    if cfg.adapter.kind in ("full", "textual_inversion"):
+        return  # it trained the base's own weights (denoiser, token embeddings): the next trial loads it again
     strip_adapters(components)
     _kept.update(key=base_key(cfg, device), components=components)
 

@@ -682,16 +682,27 @@ def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
         diffusers_logging.set_verbosity(verbosity)
     if cfg.adapter.kind == adapters.FULL:  # its weights are the trainable fp32 copy counted below, not frozen ones
         weights[denoiser_name] = sum(b.numel() * b.element_size() for b in modules[denoiser_name].buffers())
-    adapters.attach(modules[denoiser_name], cfg.adapter, adapters.denoiser_patterns(cfg.targets, family),
-                    denoiser_name)
+    clip_names = [n for n in modules if n.startswith("text_encoder") and not (family == "sd3" and n.endswith("_3"))]
     trained = []
+    if cfg.adapter.kind == "textual_inversion":
+        # the embedding matrices train whole (gradients and optimizer state for every row, a few of them kept)
+        # and model.textual_inversion keeps an fp32 copy of each to put the frozen rows back
+        trained = [modules[n] for n in clip_names]
+        for module in trained:
+            weight = module.get_input_embeddings().weight
+            weight.data = weight.data.float()
+            weight.requires_grad_(True)
+    else:
+        adapters.attach(modules[denoiser_name], cfg.adapter, adapters.denoiser_patterns(cfg.targets, family),
+                        denoiser_name)
     if cfg.text_encoder.train:
-        names = [n for n in modules if n.startswith("text_encoder") and not (family == "sd3" and n.endswith("_3"))]
-        for i, name in enumerate(names):
+        for i, name in enumerate(clip_names):
             adapters.attach(modules[name], cfg.adapter, list(cfg.text_encoder.patterns), f"text encoder {i + 1}")
             trained.append(modules[name])
     trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     adapter_at_rest = sum(p.numel() * 4 + optimizer_state_bytes(p.numel(), cfg.optimizer.name) for p in trainable)
+    if cfg.adapter.kind == "textual_inversion":
+        adapter_at_rest += sum(p.numel() * 4 for p in trainable)
     averaged, offloaded = cfg.train.ema_decay > 0, cfg.train.ema_on_cpu  # both read: both are memo inputs
     if averaged and not offloaded:  # the moving average: one fp32 copy of the adapter
         adapter_at_rest += sum(p.numel() * 4 for p in trainable)

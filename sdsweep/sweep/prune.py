@@ -41,6 +41,8 @@ def prune_reason(cfg: DictConfig) -> str | None:
     pr, cuda = cfg.precision, runs_on_cuda(cfg)
     if cfg.adapter.kind == "full" and (reason := full_fine_tuning_reason(cfg)):
         return reason
+    if cfg.adapter.kind == "textual_inversion" and (reason := textual_inversion_reason(cfg)):
+        return reason
     if pr.quantize != "none" and not cuda:
         return (f"precision={pr.name} quantizes the base with bitsandbytes, which needs a CUDA GPU; "
                 "use precision=fp16, bf16 or fp32 here")
@@ -69,6 +71,18 @@ def full_fine_tuning_reason(cfg: DictConfig) -> str | None:
     if cfg.text_encoder.train:
         return (f"adapter=full with text_encoder={cfg.text_encoder.name}: full fine-tuning trains the denoiser "
                 "only (as diffusers' train_text_to_image does); use text_encoder=frozen")
+    return None
+
+
+def textual_inversion_reason(cfg: DictConfig) -> str | None:
+    """Why an adapter=textual_inversion cell cannot train, or None."""
+    if cfg.model.family == "sd3":
+        return ("adapter=textual_inversion with model.family=sd3: diffusers' SD3 pipeline has no textual-inversion "
+                "loader (and T5 no embedding format), so the result could be neither evaluated nor used; "
+                "use model=sd15 or sdxl")
+    if cfg.text_encoder.train:
+        return (f"adapter=textual_inversion with text_encoder={cfg.text_encoder.name}: textual inversion trains "
+                "only its new embeddings; use text_encoder=frozen")
     return None
 
 

@@ -24,9 +24,9 @@ from sdsweep.config.validate import validate
 from sdsweep.config.validate import warnings as config_warnings
 from sdsweep.eval.evaluate import evaluate_trial, with_scores
 from sdsweep.eval.sampling import sample_validation
-from sdsweep.io import atomic_write_json, describe_write_error, remove_leftovers, write_failure
+from sdsweep.io import atomic_dir, atomic_write_json, describe_write_error, remove_leftovers, write_failure
 from sdsweep.layout import TrialDir
-from sdsweep.model import adapters, kept_base
+from sdsweep.model import adapters, kept_base, textual_inversion
 from sdsweep.model import load as models
 from sdsweep.sweep.early_stop import Stopper
 from sdsweep.sweep.preflight import missing_encoder_weights, repeated_cell_reason
@@ -153,7 +153,7 @@ def _train_and_record(cfg: DictConfig, trial_dir: Path, metrics: dict, group: st
             tracker = make_tracker(cfg, trial_dir, metrics["choices"],
                                    group or cfg.tracking.group or trial_dir.parent.name, trial_dir.name)
         s = setup(cfg, trial_number, memory)
-        metrics.update(_setup_figures(s))
+        metrics.update(_setup_figures(cfg, s))
         hook = _validation_hook(cfg, s, trial_dir, tracker)
         metrics.update(train(cfg, s, trial_dir, tracker, Stopper(cfg, trial_dir), hook))
         stopped = "early_stopped_at_step" in metrics  # kept (its adapter too), but not worth evaluating
@@ -211,9 +211,12 @@ def _close_tracker(tracker: Tracker, metrics: dict) -> None:
         log.warning("the tracker could not be closed (%s: %s)", type(e).__name__, e)
 
 
-def _setup_figures(s: Setup) -> dict:
+def _setup_figures(cfg: DictConfig, s: Setup) -> dict:
+    trainable = sum(p.numel() for p in s.trainable.values())
+    if cfg.adapter.kind == textual_inversion.KIND:  # its rows, not the embedding matrices that hold them
+        trainable = textual_inversion.trained_count(s.components.trainable_text_encoders, cfg.adapter)
     return dict(
-        device=str(s.device), data=s.data_report, trainable_params=sum(p.numel() for p in s.trainable.values()),
+        device=str(s.device), data=s.data_report, trainable_params=trainable,
         total_params=sum(adapters.count_parameters(m, trainable=False) for m in s.components.modules().values()),
         **s.timings, offloaded_during_training=s.offloaded,
     )
@@ -222,8 +225,15 @@ def _setup_figures(s: Setup) -> dict:
 def _save_adapter(cfg: DictConfig, s: Setup, trial_dir: Path) -> dict:
     clock = time.perf_counter()
     trial = TrialDir(trial_dir)
-    folder = adapters.save_adapter(trial.adapter, s.components.family, cfg.adapter.kind, _unwrapped_modules(s),
-                                   trial_config=cfg)
+    if cfg.adapter.kind == textual_inversion.KIND:
+        c = s.components
+        n = len(c.trainable_text_encoders)
+        with atomic_dir(trial.adapter) as tmp:
+            textual_inversion.save(tmp, c.family, c.tokenizers[:n], c.trainable_text_encoders, cfg.adapter)
+        folder = trial.adapter
+    else:
+        folder = adapters.save_adapter(trial.adapter, s.components.family, cfg.adapter.kind, _unwrapped_modules(s),
+                                       trial_config=cfg)
     # the adapter's own weights: not the kohya copy of them, the model card or its images (sdsweep/export)
     extras = {trial.kohya_adapter, folder / "README.md"}
     weights = [f for f in folder.rglob("*") if f.is_file() and f not in extras and "images" not in f.relative_to(folder).parts]

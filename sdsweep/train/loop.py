@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig
 
+from sdsweep.config.schema import trains_text_encoders
 from sdsweep.data.dataset import make_loader
 from sdsweep.io import atomic_write_json
 from sdsweep.layout import TrialDir
@@ -88,7 +89,7 @@ def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
         if "text_features" in batch:  # cached outputs of the frozen text encoders
             parts = {k: v.to(device) for k, v in batch["text_features"].items()}
         else:
-            with torch.set_grad_enabled(cfg.text_encoder.train):
+            with torch.set_grad_enabled(trains_text_encoders(cfg)):
                 parts = encode_text(comps, batch["captions"], device)
         embeds, pooled = prompt_embeddings(comps, parts)
         if comps.family == "sd3":
@@ -291,6 +292,8 @@ def _optimizer_step(run: _Run, step: int, step_loss: torch.Tensor) -> torch.Tens
     grad_norm = torch.nn.utils.clip_grad_norm_(list(s.trainable.values()), cfg.train.max_grad_norm or float("inf"))
     s.scaler.step(s.optimizer)
     s.scaler.update()
+    for hook in s.after_step:  # textual inversion: the frozen rows of the embedding back as they were
+        hook()
     return grad_norm
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch
@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from sdsweep.data import cache
 from sdsweep.data.dataset import CaptionedImages, load_dataset
 from sdsweep.data.folder import count_long_captions
-from sdsweep.model import adapters, kept_base
+from sdsweep.model import adapters, kept_base, textual_inversion
 from sdsweep.model import load as models
 from sdsweep.model.precision import autocast_dtype_of
 from sdsweep.train.meters import MemoryMeter
@@ -44,6 +44,8 @@ class Setup:
     """Frozen modules parked in CPU memory while training (see offload_cached_encoders)."""
     ema: object | None = None
     """diffusers' EMAModel of `trainable` (train.ema_decay), or None."""
+    after_step: list = field(default_factory=list)
+    """Called after every optimizer step (textual inversion puts the embedding's frozen rows back)."""
 
 
 def setup(cfg: DictConfig, trial_number: int = 0, memory: MemoryMeter | None = None) -> Setup:
@@ -58,6 +60,7 @@ def setup(cfg: DictConfig, trial_number: int = 0, memory: MemoryMeter | None = N
         dataset, data_report, components = _setup_data_and_base(cfg, device, autocast_dtype, timings)
     offloaded = offload_cached_encoders(cfg, components, data_report["cache"], device)
     trained_encoders = _attach_adapters(cfg, components)
+    after_step = [lambda: textual_inversion.restore_frozen_rows(trained_encoders)] if _inverts(cfg) else []
     trainable = {f"{name}.{pname}": p for name, module in components.modules().items()
                  for pname, p in module.named_parameters() if p.requires_grad}
     optimizer, scheduler = _setup_optimizer(cfg, components, trained_encoders, device)
@@ -69,7 +72,12 @@ def setup(cfg: DictConfig, trial_number: int = 0, memory: MemoryMeter | None = N
         components.denoiser = compiled(components.denoiser, cfg.train)
     components.denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)
     return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler, accelerator,
-                 autocast_dtype, memory or MemoryMeter(device), timings, offloaded, _setup_ema(cfg, trainable))
+                 autocast_dtype, memory or MemoryMeter(device), timings, offloaded, _setup_ema(cfg, trainable),
+                 after_step)
+
+
+def _inverts(cfg: DictConfig) -> bool:
+    return cfg.adapter.kind == textual_inversion.KIND
 
 
 def _setup_ema(cfg: DictConfig, trainable: dict[str, torch.nn.Parameter]):
@@ -104,6 +112,9 @@ def _setup_data_and_base(cfg: DictConfig, device: torch.device, autocast_dtype: 
     torch.manual_seed(cfg.seed)
     # data first: a folder without captions should fail in a second, not after loading SDXL
     dataset, report = load_dataset(cfg.data, cfg.model.cache_dir)
+    if _inverts(cfg):  # the new word must be in what the encoders read (its text is encoded live, never cached)
+        dataset.records = [replace(r, caption=textual_inversion.expanded(r.caption, cfg.adapter))
+                           for r in dataset.records]  # copies: the records may be shared with the next trial
     timings["data_s"], clock = time.perf_counter() - clock, time.perf_counter()
     components, timings["base_reused"] = kept_base.acquire(cfg, device)
     timings["load_s"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -127,6 +138,14 @@ def _attach_adapters(cfg: DictConfig, components: models.Components) -> list[tor
     # adapter initialisation depends on the seed alone, not on what set-up drew before it
     # (filling the cache or not must not change the trial)
     torch.manual_seed(cfg.seed)
+    if _inverts(cfg):  # new embeddings in the CLIP encoders; no adapter anywhere
+        n = len(components.trainable_text_encoders)
+        trained = textual_inversion.attach(components.tokenizers[:n], components.trainable_text_encoders, cfg.adapter)
+        for te in trained:
+            te.train()
+        if cfg.train.gradient_checkpointing:
+            models.set_checkpointing(components.denoiser, True)
+        return trained
     name = "transformer" if components.family == "sd3" else "unet"
     adapters.attach(components.denoiser, cfg.adapter, adapters.denoiser_patterns(cfg.targets, components.family), name)
     trained_encoders = components.trainable_text_encoders if cfg.text_encoder.train else []
@@ -153,8 +172,10 @@ def _setup_optimizer(cfg: DictConfig, components: models.Components, trained_enc
         te_lr = cfg.train.lr
     groups = [{"params": adapters.trainable_parameters(components.denoiser), "lr": cfg.train.lr}]
     if trained_encoders:
+        # textual inversion's embeddings are the trial's whole adapter: they train at train.lr
         groups.append({"params": [p for te in trained_encoders for p in adapters.trainable_parameters(te)],
-                       "lr": te_lr})
+                       "lr": cfg.train.lr if _inverts(cfg) else te_lr})
+    groups = [g for g in groups if g["params"]]  # textual inversion: nothing trains in the denoiser
     optimizer = build_optimizer(cfg, groups, device)
     scheduler = get_scheduler(cfg.optimizer.scheduler, optimizer, num_warmup_steps=cfg.optimizer.warmup_steps,
                               num_training_steps=cfg.train.max_steps)
