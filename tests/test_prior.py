@@ -221,6 +221,40 @@ def test_class_images_are_drawn_once_per_sweep_not_per_trial(make_cfg, tmp_path,
     assert Path(other_prompt["data"]["class_images"]["folder"]) != folder and draws[-1] == [0]
 
 
+NAMESPACE = """
+import sys, torch
+from hydra import compose, initialize_config_module
+from sdsweep.config.store import register_configs
+from sdsweep.data.class_images import class_namespace
+from sdsweep.model import load as models
+register_configs()
+with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
+    cfg = compose(config_name="config", overrides=sys.argv[1:])
+components = models.load_components(cfg.model, cfg.precision)
+models.place(components, cfg.precision, torch.device("cpu"))
+print(class_namespace(cfg, components, None))
+"""
+
+
+def test_another_process_finds_the_same_class_images(make_cfg, cache_dir, tmp_path):
+    """A resumed sweep or a parallel launcher's worker is another process, with another hash seed."""
+    import subprocess
+    import sys
+
+    from sdsweep.data.class_images import class_namespace
+    from sdsweep.model import load as models
+
+    overrides = ["model=tiny-sdxl", f"model.cache_dir={cache_dir}", "device=cpu", *_prior("a photo")]
+    cfg = make_cfg(*overrides)
+    components = models.load_components(cfg.model, cfg.precision)
+    here = class_namespace(cfg, components, None)
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        there = subprocess.run([sys.executable, "-c", NAMESPACE, *overrides], env=env, capture_output=True, text=True,
+                               check=True, cwd=tmp_path).stdout.split()[-1]
+        assert there == here
+
+
 def test_the_class_data_dir_is_used_first_and_only_the_missing_images_are_drawn(make_cfg, tmp_path, draws):
     from PIL import Image
 

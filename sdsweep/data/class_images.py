@@ -33,7 +33,7 @@ import torch
 from filelock import FileLock
 from PIL import Image, PngImagePlugin
 
-from sdsweep.data.cache import _hash, class_images_root, module_fingerprint, tokenizer_fingerprint
+from sdsweep.data.cache import _hash, _public_config, class_images_root, module_fingerprint, tokenizer_fingerprint
 from sdsweep.data.folder import IMAGE_SUFFIXES, DataError, Record, decode_image
 from sdsweep.io import atomic_write_bytes
 
@@ -54,12 +54,13 @@ def examples_per_batch(cfg) -> int:
 
 
 def class_namespace(cfg, components, autocast_dtype: torch.dtype | None) -> str:
-    """Everything but the seed that determines a drawn class image."""
+    """Everything but the seed that determines a drawn class image; the same in every process (the scheduler's
+    `_use_default_values`, a set whose order changes with the process's hash seed, is left out)."""
     modules = [module_fingerprint(m) for m in (components.denoiser, components.vae, *components.text_encoders)]
     tokenizers = [tokenizer_fingerprint(t) for t in components.tokenizers]
     d = cfg.data
     return _hash("class_images", CLASS_IMAGES_VERSION, components.family, modules, tokenizers,
-                 dict(components.noise_scheduler.config), str(autocast_dtype), components.extra.get("t5_max_length"),
+                 _public_config(components.noise_scheduler), str(autocast_dtype), components.extra.get("t5_max_length"),
                  d.class_prompt, d.resolution, d.class_steps, float(d.class_guidance_scale))[:32]
 
 
