@@ -33,7 +33,13 @@ import torch
 from filelock import FileLock
 from PIL import Image, PngImagePlugin
 
-from sdsweep.data.cache import _hash, _public_config, class_images_root, module_fingerprint, tokenizer_fingerprint
+from sdsweep.data.cache import (
+    _hash,
+    _public_config,
+    class_images_root,
+    module_fingerprint,
+    tokenizer_fingerprint,
+)
 from sdsweep.data.folder import IMAGE_SUFFIXES, DataError, Record, decode_image
 from sdsweep.io import atomic_write_bytes
 
@@ -46,6 +52,11 @@ Draw = Callable[[str, list[int]], list[Image.Image]]
 def prior_on(cfg) -> bool:
     """Whether the trial trains with prior preservation."""
     return cfg.data.num_class_images > 0
+
+
+def class_seed(seed: int) -> int:
+    """The class images' sampler is seeded apart from the instance images' (another order, other draws)."""
+    return seed + 7_919
 
 
 def examples_per_batch(cfg) -> int:

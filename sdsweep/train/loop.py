@@ -21,7 +21,8 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig
 
-from sdsweep.data.dataset import make_loader
+from sdsweep.data.class_images import class_seed
+from sdsweep.data.dataset import make_loader, with_class_examples
 from sdsweep.io import atomic_write_json
 from sdsweep.layout import TrialDir
 from sdsweep.model.conditioning import encode_text, prompt_embeddings, sdxl_time_ids
@@ -83,15 +84,6 @@ def latents_of(s: Setup, batch: dict) -> torch.Tensor:
 def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
     """The family's training loss on one batch: DDPM (sd15, sdxl) or flow matching (sd3)."""
     return per_sample_loss(s, cfg, batch).mean()
-
-
-def prior_preservation_loss(per_sample: torch.Tensor, class_examples: int,
-                            weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(instance + weight * class, class) of a batch whose last `class_examples` examples are class
-    images: each half's mean, as diffusers' DreamBooth scripts chunk the batch in two. Both halves
-    have the objective's own weighting (min-SNR, SD3's), as kohya weighs its regularisation images."""
-    instance, prior = per_sample[:-class_examples].mean(), per_sample[-class_examples:].mean()
-    return instance + weight * prior, prior
 
 
 def per_sample_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
@@ -169,8 +161,8 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
     batches = iter(make_loader(s.dataset, cfg.train.batch_size, cfg.seed, state.step * samples_per_step,
                                cfg.data.num_workers, rank, world))
     if s.class_dataset is not None:  # prior preservation: as many class examples beside them, a stream of their own
-        batches = _with_class_examples(batches, iter(make_loader(
-            s.class_dataset, cfg.train.batch_size, cfg.seed + CLASS_SEED_OFFSET, state.step * samples_per_step,
+        batches = with_class_examples(batches, iter(make_loader(
+            s.class_dataset, cfg.train.batch_size, class_seed(cfg.seed), state.step * samples_per_step,
             cfg.data.num_workers, rank, world)))
     trace: dict | None = {"rank": rank, "keys": [], "losses": []} if cfg.debug.trace_data else None
     profiler = make_profiler(cfg, trial.path) if run.main else None
@@ -231,27 +223,6 @@ def _train_steps(run: _Run, batches: Iterator[dict], trace: dict | None, profile
     return None
 
 
-CLASS_SEED_OFFSET = 7_919
-"""The class images' sampler is seeded apart from the instance images' (another order, other draws)."""
-
-
-def _with_class_examples(instances: Iterator[dict], classes: Iterator[dict]) -> Iterator[dict]:
-    """Each instance batch with a class batch after it (diffusers' DreamBooth collate_fn): one forward
-    for both; `class_examples` says how many of the batch's examples are class images."""
-    for instance, klass in zip(instances, classes):
-        batch = {k: _join(instance[k], klass[k]) for k in instance}
-        batch["class_examples"] = len(klass["captions"])
-        yield batch
-
-
-def _join(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.cat([a, b])
-    if isinstance(a, dict):
-        return {k: torch.cat([a[k], b[k]]) for k in a}
-    return list(a) + list(b)
-
-
 def _resume(s: Setup, trial: TrialDir, main: bool) -> tuple[TrainState, int | None]:
     """The newest intact checkpoint's state loaded into `s` (the same trial run again in the same
     folder continues where it stopped; damaged checkpoints are set aside), or a fresh state; and
@@ -310,7 +281,7 @@ def _accumulate(run: _Run, batches: Iterator[dict], step: int,
         sync = s.accelerator.no_sync(s.components.denoiser) if micro < accum - 1 else nullcontext()
         with sync:
             if class_examples:
-                loss, prior = prior_preservation_loss(per_sample_loss(s, cfg, batch), class_examples,
+                loss, prior = objectives.prior_preservation_loss(per_sample_loss(s, cfg, batch), class_examples,
                                                       cfg.train.prior_loss_weight)
                 step_prior += prior.detach() / accum
             else:

@@ -141,6 +141,7 @@ def _setup_class_images(cfg: DictConfig, components: models.Components,
     from omegaconf import OmegaConf
 
     from sdsweep.config.encoders import built_in
+
     # the evaluation stage's sampler, used as a library: a pipeline over these very modules, no copy
     from sdsweep.eval.sampling import build_pipeline, generate
 
