@@ -21,8 +21,10 @@ GROUP_OPTIONS = {
 DEFAULT_OPTION = {"adapter": "lora", "targets": "attn", "text_encoder": "frozen", "precision": "fp32",
                   "optimizer": "adamw", "model": "toy-sdxl", "data": "builtin", "eval": "default"}  # conf/config.yaml
 OUTSIDE_ITS_GROUP = {("optimizer", "prodigy"): {"train"}}  # @package _global_: it sets train.lr=1.0
-# the default model=toy-sdxl sets its own train.lr (@package _global_): every other model keeps config.yaml's
-OUTSIDE_ITS_GROUP.update({("model", option): {"train"} for option in GROUP_OPTIONS["model"] if option != "toy-sdxl"})
+# the default model=toy-sdxl sets its own train.lr and class-image sampler (data.class_steps, data.class_guidance_scale;
+# @package _global_): every other model keeps config.yaml's and the schema's
+OUTSIDE_ITS_GROUP.update({("model", option): {"train", "data"} for option in GROUP_OPTIONS["model"]
+                          if option != "toy-sdxl"})
 
 
 def test_every_group_lists_the_options_the_issue_asks_for():

@@ -168,6 +168,21 @@ class DataConfig:
     min_size: int = 8
     """Images smaller than this on either side are skipped as unusable."""
     num_workers: int = 0
+    # DreamBooth prior preservation (sdsweep/data/class_images.py): what diffusers' DreamBooth-LoRA
+    # scripts call --with_prior_preservation --class_prompt --num_class_images --class_data_dir
+    num_class_images: int = 0
+    """Class (regularisation) images trained beside the instance images, each batch half of each, the loss
+    instance + train.prior_loss_weight * class; 0 = no prior preservation. Drawn by the base model from
+    data.class_prompt once and cached under model.cache_dir/class_images/, shared by every trial."""
+    class_prompt: str | None = None
+    """The prompt of the class images (and their caption), e.g. `a photo of a dog`; needs data.num_class_images > 0."""
+    class_data_dir: str | None = None
+    """A folder of class images of your own (any captions ignored: data.class_prompt is theirs); only the
+    images it lacks, up to data.num_class_images, are drawn by the base model."""
+    class_steps: int = 30
+    """Denoising steps the base model draws each class image with (Euler, as evaluation samples)."""
+    class_guidance_scale: float = 5.0
+    """Classifier-free guidance of the class images."""
 
 
 EVAL_METRICS = ("clip_score", "style", "kid", "random_style", "content", "fidelity", "diversity", "dino")
@@ -273,6 +288,8 @@ class TrainConfig:
     """sd3: train on x0 = noisy - sigma * prediction (EDM preconditioning, the diffusers SD3
     script's default) instead of the raw velocity target noise - x0."""
     max_grad_norm: float = 1.0
+    prior_loss_weight: float = 1.0
+    """Weight of the class images' loss (data.num_class_images > 0): loss = instance + weight * class."""
     ema_decay: float = 0.0
     """Exponential moving average of the trainable weights, updated after every optimizer step (diffusers'
     EMAModel: decay min(ema_decay, (1 + t) / (10 + t)) at its t-th update); 0 = off, 0.999 a usual value.

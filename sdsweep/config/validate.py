@@ -47,7 +47,7 @@ def validate(cfg: DictConfig | Config) -> None:
     """Raise ConfigError listing every problem of `cfg` (each naming the key to change), or return."""
     p: list[str] = []
     for check in (_unknown_keys, _adapter, _targets, _text_encoder, _precision, _optimizer, _model, _data, _eval,
-                  _train, _ema, _tracking, _sweep):
+                  _train, _ema, _prior, _tracking, _sweep):
         check(p, cfg)
     _check_choice(p, "device", cfg.device, DEVICES)
     if p:
@@ -207,6 +207,29 @@ def _compile(p: list[str], tr: Any) -> None:
                  f"(one of {', '.join(torch._dynamo.list_backends())}, or eager / aot_eager to debug)")
 
 
+def _prior(p: list[str], cfg: Any) -> None:
+    """DreamBooth prior preservation (data.num_class_images, data.class_prompt, train.prior_loss_weight)."""
+    d = cfg.data
+    if d.num_class_images < 0:
+        p.append(f"data.num_class_images={d.num_class_images}: must be >= 0 (0 turns prior preservation off)")
+    if cfg.train.prior_loss_weight < 0:
+        p.append(f"train.prior_loss_weight={cfg.train.prior_loss_weight}: must be >= 0 (1.0 is diffusers' default)")
+    if d.num_class_images <= 0:
+        return
+    if not (d.class_prompt or "").strip():
+        p.append(f"data.num_class_images={d.num_class_images} needs data.class_prompt: the prompt the base model "
+                 "draws the class images with, e.g. data.class_prompt='a photo of a dog'")
+    if d.class_data_dir and not os.path.isdir(os.path.expanduser(d.class_data_dir)):
+        p.append(f"data.class_data_dir={d.class_data_dir}: no such folder (your own class images; null: all drawn)")
+    if d.class_steps < 1:
+        p.append(f"data.class_steps={d.class_steps}: must be >= 1 (denoising steps of each class image)")
+    if d.class_guidance_scale < 0:
+        p.append(f"data.class_guidance_scale={d.class_guidance_scale}: must be >= 0")
+    if d.buckets:
+        p.append("data.num_class_images with data.buckets=true: a batch joins instance and square class images "
+                 "in one tensor, so both must share a shape: set data.buckets=false or data.num_class_images=0")
+
+
 def _tracking(p: list[str], cfg: Any) -> None:
     tk = cfg.tracking
     _check_choice(p, "tracking.mode", tk.mode, TRACKING_MODES)
@@ -344,4 +367,14 @@ def warnings(cfg: DictConfig | Config) -> list[str]:
     if not d.buckets:
         w += [f"data.{k}={d[k]} does nothing without data.buckets=true"
               for k in ("bucket_step", "max_aspect") if d[k] != getattr(DataConfig, k)]
+    if d.num_class_images == 0:
+        w += [f"data.{k}={d[k]!r} is ignored with data.num_class_images=0 (no prior preservation)"
+              for k in PRIOR_KEYS if d[k] != getattr(DataConfig, k)]
+        if tr.prior_loss_weight != TrainConfig.prior_loss_weight:
+            w.append(f"train.prior_loss_weight={tr.prior_loss_weight} is ignored with data.num_class_images=0 "
+                     "(no prior preservation)")
     return w
+
+
+PRIOR_KEYS = ("class_prompt", "class_data_dir")
+"""Set by a user for prior preservation alone (data.class_steps / class_guidance_scale are a model's defaults too)."""

@@ -320,6 +320,13 @@ def cache_root(cfg) -> Path:
     return Path(cfg.cache.dir or Path(cfg.model.cache_dir) / "features").expanduser()
 
 
+def class_images_root(cfg) -> Path:
+    """Where the base model's class images (data.num_class_images) are kept, one folder per namespace
+    (class_images.class_namespace). Beside the features, not under cache.dir: they are images the trial
+    trains on, drawn whether or not features are cached (cache.enabled)."""
+    return Path(cfg.model.cache_dir).expanduser() / "class_images"
+
+
 def prepare(cfg, components, dataset, device: torch.device, autocast_dtype: torch.dtype | None) -> dict:
     """Fill (or verify) this trial's latents and text entries and attach the stores to `dataset`.
 

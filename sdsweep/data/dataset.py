@@ -230,6 +230,23 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
+def with_class_examples(instances, classes):
+    """Each instance batch with a class batch after it, joined along the batch (diffusers' DreamBooth
+    collate_fn): one forward for both; `class_examples` says how many of the last examples are class images."""
+    for instance, klass in zip(instances, classes):
+        batch = {k: _join(instance[k], klass[k]) for k in instance}
+        batch["class_examples"] = len(klass["captions"])
+        yield batch
+
+
+def _join(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return list(a) + list(b)
+
+
 # --- where the images come from -------------------------------------------------------------------
 
 

@@ -490,7 +490,9 @@ def trace_step(cfg, modules: dict[str, torch.nn.Module], trained_encoders: list[
 
 def _forward_loss(cfg, denoiser, modules, trained_encoders, text_dtype: torch.dtype) -> torch.Tensor:
     """train.diffusion_loss on meta: noisy latents in, a mean squared error out."""
-    family, batch, res, meta = cfg.model.family, cfg.train.batch_size, cfg.data.resolution, torch.device("meta")
+    from sdsweep.data.class_images import examples_per_batch
+
+    family, batch, res, meta = cfg.model.family, examples_per_batch(cfg), cfg.data.resolution, torch.device("meta")
     latents = torch.empty(batch, denoiser.config.in_channels, res // 8, res // 8, device=meta)
     noise = torch.empty_like(latents)
     timesteps = torch.zeros(batch, dtype=torch.long, device=meta)
@@ -559,6 +561,8 @@ ESTIMATE_INPUTS = (
     "train.batch_size", "train.gradient_checkpointing", "data.resolution", "cache.enabled", "data.crop",
     "data.path", "data.dataset", "data.buckets", "data.bucket_step", "data.max_aspect",
     "tracking.validation_every", "train.ema_decay", "train.ema_on_cpu",
+    # prior preservation doubles the step's batch (class_images.examples_per_batch)
+    "data.num_class_images",
 )
 """The memo's key: every config value the estimate reads, except VALUE_ONLY_INPUTS. tests/test_estimate.py
 records what estimates read and checks it against these two lists."""
@@ -708,7 +712,11 @@ def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
         adapter_at_rest += sum(p.numel() * 4 for p in trainable)
 
     step_peak, grads = trace_step(cfg, modules, trained)
-    encode_peak = trace_vae_encode(modules["vae"], cfg.train.batch_size, cfg.data.resolution)
+    from sdsweep.data.class_images import examples_per_batch
+
+    # cached latents are encoded train.batch_size at a time (cache.prepare), live ones a whole step's batch
+    encode_batch = cfg.train.batch_size if cached_latents else examples_per_batch(cfg)
+    encode_peak = trace_vae_encode(modules["vae"], encode_batch, cfg.data.resolution)
     workspace, all_weights = WORKSPACE_GIB * GIB, sum(weights.values())
     offloadable = _offloadable(cfg, weights, cached_latents)
     # train.offload_cached_encoders: validation during training keeps every module where sampling needs it

@@ -22,7 +22,8 @@ import torch
 from omegaconf import DictConfig
 
 from sdsweep.config.schema import trains_text_encoders
-from sdsweep.data.dataset import make_loader
+from sdsweep.data.class_images import class_seed
+from sdsweep.data.dataset import make_loader, with_class_examples
 from sdsweep.io import atomic_write_json
 from sdsweep.layout import TrialDir
 from sdsweep.model.conditioning import encode_text, prompt_embeddings, sdxl_time_ids
@@ -83,6 +84,11 @@ def latents_of(s: Setup, batch: dict) -> torch.Tensor:
 
 def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
     """The family's training loss on one batch: DDPM (sd15, sdxl) or flow matching (sd3)."""
+    return per_sample_loss(s, cfg, batch).mean()
+
+
+def per_sample_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
+    """The family's training loss of each example of the batch."""
     comps, device = s.components, s.device
     latents = latents_of(s, batch)
     with autocast(device, s.autocast_dtype):
@@ -108,7 +114,7 @@ def diffusion_loss(s: Setup, cfg: DictConfig, batch: dict) -> torch.Tensor:
                 return comps.denoiser(noisy, timesteps, embeds, added_cond_kwargs=added).sample
 
             loss = objectives.ddpm_loss(denoise, comps.noise_scheduler, cfg.train, latents)
-    return loss.mean()
+    return loss
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -155,6 +161,10 @@ def train(cfg: DictConfig, s: Setup, trial_dir: Path, tracker: Tracker | None = 
     run.tracker.rewind(state.step)  # the steps after the checkpoint (or all, from scratch) are logged again
     batches = iter(make_loader(s.dataset, cfg.train.batch_size, cfg.seed, state.step * samples_per_step,
                                cfg.data.num_workers, rank, world))
+    if s.class_dataset is not None:  # prior preservation: as many class examples beside them, a stream of their own
+        batches = with_class_examples(batches, iter(make_loader(
+            s.class_dataset, cfg.train.batch_size, class_seed(cfg.seed), state.step * samples_per_step,
+            cfg.data.num_workers, rank, world)))
     trace: dict | None = {"rank": rank, "keys": [], "losses": []} if cfg.debug.trace_data else None
     profiler = make_profiler(cfg, trial.path) if run.main else None
     run.speed.start(state.step)
@@ -180,11 +190,12 @@ def _train_steps(run: _Run, batches: Iterator[dict], trace: dict | None, profile
         # every random draw of a step (noise, timesteps, dropout) depends only on (seed, step) and
         # the process's rank, so a resumed trial reproduces an uninterrupted one
         torch.manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
-        step_loss = _accumulate(run, batches, step, trace)
+        step_loss, prior_loss = _accumulate(run, batches, step, trace)
         grad_norm = _optimizer_step(run, step, step_loss)
         if s.ema is not None and (step + 1) not in state.skipped_steps:
             _ema_step(run)
-        run.pending.append((torch.stack([step_loss, grad_norm.detach().float().to(step_loss.device)]),
+        extra = [] if prior_loss is None else [prior_loss]  # train/prior_loss with class images
+        run.pending.append((torch.stack([step_loss, grad_norm.detach().float().to(step_loss.device), *extra]),
                             s.scheduler.get_last_lr()))
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
@@ -255,25 +266,34 @@ def _smooth(smoothed: float | None, value: float, smoothing: float) -> float | N
     return value if smoothed is None else smoothing * smoothed + (1 - smoothing) * value
 
 
-def _accumulate(run: _Run, batches: Iterator[dict], step: int, trace: dict | None) -> torch.Tensor:
-    """Forward and backward over train.grad_accum micro-batches; the step's mean loss, on the device."""
+def _accumulate(run: _Run, batches: Iterator[dict], step: int,
+                trace: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward and backward over train.grad_accum micro-batches; the step's mean loss, and with prior
+    preservation the class images' mean loss (unweighted), on the device."""
     cfg, s, accum = run.cfg, run.s, run.cfg.train.grad_accum
     step_loss = torch.zeros((), device=s.device)
+    step_prior = torch.zeros((), device=s.device) if s.class_dataset is not None else None
     for micro in range(accum):
         batch = next(batches)
+        class_examples = batch.get("class_examples", 0)
         if trace is not None:
-            trace["keys"] += batch["key"].tolist()
+            trace["keys"] += batch["key"][:len(batch["key"]) - class_examples].tolist()
         # DDP syncs gradients on the last micro-batch only
         sync = s.accelerator.no_sync(s.components.denoiser) if micro < accum - 1 else nullcontext()
         with sync:
-            loss = diffusion_loss(s, cfg, batch)
+            if class_examples:
+                loss, prior = objectives.prior_preservation_loss(per_sample_loss(s, cfg, batch), class_examples,
+                                                      cfg.train.prior_loss_weight)
+                step_prior += prior.detach() / accum
+            else:
+                loss = diffusion_loss(s, cfg, batch)
             if step + 1 == cfg.debug.nan_at_step:  # step + 1: the step's number (see train)
                 loss = loss * float("nan")
             s.scaler.scale(loss / accum).backward()
         step_loss += loss.detach() / accum
     if trace is not None:
         trace["losses"].append(step_loss.item())
-    return step_loss
+    return step_loss, step_prior
 
 
 def _optimizer_step(run: _Run, step: int, step_loss: torch.Tensor) -> torch.Tensor:
@@ -333,16 +353,16 @@ def _flush_log(run: _Run, done: int) -> None:
     # the loss of the trial is the mean over its processes
     values = (values if run.world == 1 else s.accelerator.reduce(values, "mean")).tolist()
     first_step = done - len(values) + 1
-    bad = next((i for i, (value, _) in enumerate(values)
+    bad = next((i for i, (value, *_) in enumerate(values)
                 if not math.isfinite(value) and first_step + i not in state.skipped_steps), None)
     if bad is not None:
         _log_rows(run, values[:bad], first_step, done, {})
-        state.losses.extend(v for v, _ in values[:bad + 1])
+        state.losses.extend(v for v, *_ in values[:bad + 1])
         run.pending.clear()
         raise NonFiniteLoss(f"loss became {values[bad][0]} at step {first_step + bad}")
     figures = {**run.speed.read(done), **s.memory.read()}
     _log_rows(run, values, first_step, done, figures)
-    state.losses.extend(v for v, _ in values)
+    state.losses.extend(v for v, *_ in values)
     lr = run.pending[-1][1][0]
     run.pending.clear()
     log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.2f it/s", done, cfg.train.max_steps, values[-1][0],
@@ -353,10 +373,11 @@ def _log_rows(run: _Run, values: list[list[float]], first_step: int, done: int, 
     """A train_log row per step of `values` (the pending steps from `first_step` on); the speed and
     memory figures go with step `done`'s."""
     cfg = run.cfg
-    for i, ((value, norm), (_, lrs)) in enumerate(zip(values, run.pending)):
+    for i, ((value, norm, *prior), (_, lrs)) in enumerate(zip(values, run.pending)):
         run.smoothed = _smooth(run.smoothed, value, cfg.tracking.smoothing)
         row = {"train/loss": value, "train/loss_smoothed": run.smoothed, "train/grad_norm": norm,
-               **{f"train/lr_{name}": lr for name, lr in zip(("unet", "text_encoder"), lrs)}}
+               **{f"train/lr_{name}": lr for name, lr in zip(("unet", "text_encoder"), lrs)},
+               **({"train/prior_loss": prior[0]} if prior else {})}
         this_step = first_step + i
         run.tracker.log({**row, **figures} if this_step == done else row, this_step)
 

@@ -67,3 +67,13 @@ def flow_matching_loss(denoise, scheduler, cfg: TrainConfig, latents: torch.Tens
         target = noise - latents
     weighting = compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigmas)
     return (weighting.float() * (pred - target.float()) ** 2).reshape(n, -1).mean(dim=1)
+
+
+def prior_preservation_loss(per_sample: torch.Tensor, class_examples: int,
+                            weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(instance + weight * class, class) of a batch whose last `class_examples` examples are class
+    images (DreamBooth prior preservation): each half's mean, as diffusers' DreamBooth scripts chunk
+    the batch in two. Both halves keep the objective's own weighting (min-SNR, SD3's), as kohya
+    weighs its regularisation images (diffusers' SD1.5/SDXL scripts leave min-SNR off the prior half)."""
+    instance, prior = per_sample[:-class_examples].mean(), per_sample[-class_examples:].mean()
+    return instance + weight * prior, prior

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from sdsweep.data import cache
+from sdsweep.data import class_images as prior
 from sdsweep.data.dataset import CaptionedImages, load_dataset
 from sdsweep.data.folder import count_long_captions
 from sdsweep.model import adapters, kept_base, textual_inversion
@@ -44,6 +45,8 @@ class Setup:
     """Frozen modules parked in CPU memory while training (see offload_cached_encoders)."""
     ema: object | None = None
     """diffusers' EMAModel of `trainable` (train.ema_decay), or None."""
+    class_dataset: CaptionedImages | None = None
+    """The class images of prior preservation (data.num_class_images), or None."""
     after_step: list = field(default_factory=list)
     """Called after every optimizer step (textual inversion puts the embedding's frozen rows back)."""
 
@@ -57,7 +60,7 @@ def setup(cfg: DictConfig, trial_number: int = 0, memory: MemoryMeter | None = N
     autocast_dtype = autocast_dtype_of(cfg.precision)
     # the main process builds tiny models, data and cache entries first; the others then read them
     with accelerator.main_process_first():
-        dataset, data_report, components = _setup_data_and_base(cfg, device, autocast_dtype, timings)
+        dataset, data_report, components, class_dataset = _setup_data_and_base(cfg, device, autocast_dtype, timings)
     offloaded = offload_cached_encoders(cfg, components, data_report["cache"], device)
     trained_encoders = _attach_adapters(cfg, components)
     after_step = [lambda: textual_inversion.restore_frozen_rows(trained_encoders)] if _inverts(cfg) else []
@@ -73,7 +76,7 @@ def setup(cfg: DictConfig, trial_number: int = 0, memory: MemoryMeter | None = N
     components.denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)
     return Setup(components, device, dataset, data_report, trainable, optimizer, scheduler, scaler, accelerator,
                  autocast_dtype, memory or MemoryMeter(device), timings, offloaded, _setup_ema(cfg, trainable),
-                 after_step)
+                 class_dataset, after_step)
 
 
 def _inverts(cfg: DictConfig) -> bool:
@@ -106,8 +109,9 @@ def _setup_accelerator(device: torch.device):
 
 
 def _setup_data_and_base(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dtype | None,
-                         timings: dict) -> tuple[CaptionedImages, dict, models.Components]:
-    """The data set, the base model (kept from the last trial or loaded) and the filled feature cache."""
+                         timings: dict) -> tuple[CaptionedImages, dict, models.Components, CaptionedImages | None]:
+    """The data set, the base model (kept from the last trial or loaded), the filled feature cache, and
+    the class images of prior preservation (None without)."""
     clock = time.perf_counter()
     torch.manual_seed(cfg.seed)
     # data first: a folder without captions should fail in a second, not after loading SDXL
@@ -120,6 +124,10 @@ def _setup_data_and_base(cfg: DictConfig, device: torch.device, autocast_dtype: 
     timings["load_s"], clock = time.perf_counter() - clock, time.perf_counter()
     report.truncated_captions = count_long_captions(dataset.records, components.tokenizers)
     data_report = report.summary()
+    class_dataset = None
+    if prior.prior_on(cfg):  # drawn by the base model as loaded: before any adapter, before the denoiser is parked
+        class_dataset, data_report["class_images"] = _setup_class_images(cfg, components, autocast_dtype)
+        timings["class_images_s"], clock = time.perf_counter() - clock, time.perf_counter()
     # before any adapter is attached: the cache keys hash the frozen modules as loaded. The encoders
     # fill it with the denoiser parked in CPU memory: at 1024 px the fp32 VAE's activations would
     # otherwise sit on top of SDXL's UNet (bitsandbytes layers stay where they are)
@@ -127,10 +135,49 @@ def _setup_data_and_base(cfg: DictConfig, device: torch.device, autocast_dtype: 
     if park:
         components.denoiser.to("cpu")
     data_report["cache"] = cache.prepare(cfg, components, dataset, device, autocast_dtype)
+    if class_dataset is not None:
+        data_report["class_cache"] = cache.prepare(cfg, components, class_dataset, device, autocast_dtype)
+        _same_latent_source(dataset, class_dataset, data_report)
     if park:
         components.denoiser.to(device)
     timings["cache_s"] = time.perf_counter() - clock
-    return dataset, data_report, components
+    return dataset, data_report, components, class_dataset
+
+
+def _setup_class_images(cfg: DictConfig, components: models.Components,
+                        autocast_dtype: torch.dtype | None) -> tuple[CaptionedImages, dict]:
+    """data.num_class_images class images (data.class_data_dir's, the rest drawn by the base model once and
+    cached for every trial) as a training set of their own, captioned data.class_prompt."""
+    from omegaconf import OmegaConf
+
+    from sdsweep.config.encoders import built_in
+
+    # the evaluation stage's sampler, used as a library: a pipeline over these very modules, no copy
+    from sdsweep.eval.sampling import build_pipeline, generate
+
+    d = cfg.data
+    sampler = OmegaConf.create({"steps": d.class_steps, "guidance_scale": d.class_guidance_scale,
+                                "resolution": d.resolution, "vae_tiling": False})
+
+    def draw(prompt: str, seeds: list[int]):
+        return [sample.image for sample in generate(build_pipeline(components), [prompt], seeds, sampler,
+                                                    autocast_dtype, len(seeds))]
+
+    # a model built in code draws a few images per call in a blink; a real one draws one at a time
+    namespace = prior.class_namespace(cfg, components, autocast_dtype)
+    report = prior.ensure_class_images(cfg, namespace, draw, batch_size=8 if built_in(cfg.model) else 1)
+    return CaptionedImages(report.records, d), report.summary()
+
+
+def _same_latent_source(dataset: CaptionedImages, class_dataset: CaptionedImages, data_report: dict) -> None:
+    """A batch concatenates instance and class latents: both cached, or both encoded live each step."""
+    if (dataset.latents is None) == (class_dataset.latents is None):
+        return
+    dataset.latents = class_dataset.latents = None
+    why = "live (the instance or the class images have no single crop to cache: both are encoded each step)"
+    for key in ("cache", "class_cache"):
+        if isinstance(data_report[key]["latents"], dict):
+            data_report[key]["latents"] = why
 
 
 def _attach_adapters(cfg: DictConfig, components: models.Components) -> list[torch.nn.Module]:
