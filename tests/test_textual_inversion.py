@@ -158,7 +158,12 @@ def test_captions_get_the_trigger_once_spelled_as_every_vector(make_cfg):
 
 
 def test_the_export_command_says_the_saved_file_already_is_the_embedding(inverted):
+    from omegaconf import OmegaConf
+
     from sdsweep.export.trial import TrialError, open_trial
 
+    cfg, trial, _ = inverted
+    trial.config.parent.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, trial.config)  # what Hydra writes for a trial of the CLI
     with pytest.raises(TrialError, match="learned_embeds.safetensors already is the embedding file"):
-        open_trial(inverted[1].path)
+        open_trial(trial.path)
