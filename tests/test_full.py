@@ -28,7 +28,8 @@ CHEAP_EVAL = ["eval.prompts=[house]", "eval.seeds=[0]", "eval.steps=2", "eval.gu
               "eval.metrics=[random_style]", "eval.max_reference_images=2"]
 # a high learning rate, so that two steps move every weight far enough to change an 8-bit image
 pytestmark = pytest.mark.xdist_group("full_trial")  # the module fixture trains once, on one worker
-FULL = ("model=tiny-sd15", "adapter=full", "train.lr=1e-2", "train.checkpoint_every=2", *CHEAP_EVAL)
+FULL = ("model=tiny-sd15", "adapter=full", "train.lr=1e-2", "train.checkpoint_every=2", "train.gradient_checkpointing=true",
+        *CHEAP_EVAL)
 
 
 @pytest.fixture(scope="module")
