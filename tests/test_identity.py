@@ -118,3 +118,41 @@ def test_a_trial_fingerprinted_before_identity_py_is_kept(make_cfg, tmp_path):
     kept = kept_trial(tmp_path, cfg)
     assert kept is not None and kept.rescore is False
     assert kept_trial(tmp_path, make_cfg("train.lr=3e-4")) is None
+
+
+# keys of features that are off: they train nothing, so they do not change what a trial is
+INERT_EXAMPLES = ["adapter.token='<x>'", "adapter.num_vectors=3", "data.class_prompt=a", "train.prior_loss_weight=2",
+                  "data.class_steps=5", "train.ema_on_cpu=true"]
+# the same keys once their feature is on
+LIVE_EXAMPLES = [("adapter=textual_inversion", "adapter.num_vectors=3"),
+                 ("data.num_class_images=2", "data.class_prompt=a", "train.prior_loss_weight=2"),
+                 ("train.ema_decay=0.9", "train.ema_on_cpu=true")]
+
+
+@pytest.mark.parametrize("override", INERT_EXAMPLES)
+def test_the_keys_of_a_feature_that_is_off_keep_the_training_fingerprint(make_cfg, override):
+    assert training_fingerprint(make_cfg(override)) == training_fingerprint(make_cfg())
+
+
+@pytest.mark.parametrize("overrides", LIVE_EXAMPLES)
+def test_the_keys_of_a_feature_that_is_on_change_the_training_fingerprint(make_cfg, overrides):
+    switch, *keys = overrides
+    assert training_fingerprint(make_cfg(switch, *keys)) != training_fingerprint(make_cfg(switch))
+
+
+def test_a_trial_finished_before_ema_prior_preservation_and_textual_inversion_existed_keeps_its_fingerprint(make_cfg):
+    """Its fingerprint was the digest of a config without their keys: the same digest today."""
+    from omegaconf import OmegaConf
+
+    from sdsweep.config.identity import EVALUATION, UNTRAINED, _digest, _without
+
+    cfg = make_cfg()
+    older = _without(cfg, (*UNTRAINED, *EVALUATION))
+    for node, keys in {"train": ("ema_decay", "ema_on_cpu", "prior_loss_weight"),
+                       "data": ("num_class_images", "class_prompt", "class_data_dir", "class_steps",
+                                "class_guidance_scale"),
+                       "adapter": ("token", "num_vectors", "initializer_token")}.items():
+        for key in keys:
+            assert OmegaConf.select(cfg, f"{node}.{key}") is not None or key in ("class_prompt", "class_data_dir")
+            del older[node][key]
+    assert training_fingerprint(cfg) == _digest(older)

@@ -74,10 +74,29 @@ def fingerprint_without(cfg: DictConfig, paths: tuple[str, ...]) -> str:
     return _digest(_without(cfg, paths))
 
 
+INERT_UNLESS: tuple[tuple[str, Any, tuple[str, ...]], ...] = (
+    ("train.ema_decay", 0.0, ("train.ema_decay", "train.ema_on_cpu")),
+    ("data.num_class_images", 0, ("data.num_class_images", "data.class_prompt", "data.class_data_dir",
+                                  "data.class_steps", "data.class_guidance_scale", "train.prior_loss_weight")),
+)
+"""(switch, its off value, the keys it makes inert): while a feature is off its keys train nothing, so they
+stay out of the training fingerprint. A trial finished before the feature existed then keeps its
+fingerprint, and a resumed sweep keeps it instead of training it again."""
+TEXTUAL_INVERSION_KEYS = ("adapter.token", "adapter.num_vectors", "adapter.initializer_token")
+
+
+def inert_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """The keys this config's combination does not read for training (see INERT_UNLESS)."""
+    keys = [k for switch, off, ks in INERT_UNLESS if OmegaConf.select(cfg, switch) == off for k in ks]
+    if OmegaConf.select(cfg, "adapter.kind") != "textual_inversion":
+        keys += TEXTUAL_INVERSION_KEYS
+    return tuple(keys)
+
+
 def training_fingerprint(cfg: DictConfig) -> str:
     """Equal for two configs that train the same adapter (whatever their logging, caching, scheduling
-    or evaluation)."""
-    return fingerprint_without(cfg, (*UNTRAINED, *EVALUATION))
+    or evaluation, and the keys of features they leave off)."""
+    return fingerprint_without(cfg, (*UNTRAINED, *EVALUATION, *inert_keys(cfg)))
 
 
 def evaluation_fingerprint(cfg: DictConfig) -> str:
