@@ -310,7 +310,7 @@ def _splits(board: pd.DataFrame) -> str:
     return ("<h2>In and out of distribution</h2><div class=sub>in: prompts that are training captions "
             "(eval.prompts among them, and eval.caption_prompts of them); out: every other prompt. "
             "Set-level metrics (KID, Gram, colour, Vendi) stay over all images.</div>"
-            f"<table><tr>{head}</tr>{''.join(body)}</table>")
+            f"<table class=board><tr>{head}</tr>{''.join(body)}</table>")
 
 
 def _scorers(board: pd.DataFrame) -> str:
