@@ -56,6 +56,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdsweep.model.precision import DTYPES, autocast_dtype_of
+from sdsweep.sweep.meta_ops import MetaOps
 
 log = logging.getLogger(__name__)
 
@@ -407,9 +408,10 @@ class _LiveBytes(TorchDispatchMode):
     def __init__(self, external: set[int]):
         super().__init__()
         self.external, self.live, self.now, self.peak = external, {}, 0, 0
+        self.ops = MetaOps()  # meta kernels run once per input layout: most of the trace's time otherwise
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = self.ops.run(func, args, kwargs or {})
         if isinstance(out, torch.Tensor):
             self._track(out)
         elif isinstance(out, (tuple, list)):
