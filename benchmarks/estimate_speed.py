@@ -5,9 +5,11 @@
     python benchmarks/estimate_speed.py --compare a.json b.json
 
 Speed: each cell runs in a fresh process with a fresh model.cache_dir (no on-disk memo, no in-process
-_CACHE), so what is timed is the whole computation: configs, meta modules, adapter, both traces.
-It prints wall seconds and the process's CPU seconds (on a shared machine the wall time also holds
-other people's work; CPU seconds do not). Process start-up and imports are not counted.
+_CACHE), so what is timed is the whole computation: configs, meta modules, adapter, both traces;
+once as the first estimate of the process, once after another cell's (every cell of a sweep but
+the first). It prints wall seconds and the process's CPU seconds (on a shared machine the wall time
+also holds other people's work; CPU seconds less so), the best of --repeat runs. Process start-up
+and importing diffusers, transformers and peft (which a trial imports anyway) are not counted.
 
 Figures: every field of `Estimate` (but `seconds` and `remembered`) for SDXL, SD1.5 and SD3, their
 real architectures (sdsweep/model/architectures.py, no download) and the tiny ones, across adapters,
@@ -91,24 +93,40 @@ def fields(result) -> dict:
     return {k: v for k, v in asdict(result).items() if k not in ("seconds", "remembered")}
 
 
-def one_cell(name: str) -> None:
-    """Child process: time one speed cell, print one JSON line."""
+def import_libraries() -> None:
+    """What a trial imports anyway to load its model: not the estimate's cost."""
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # noqa: F401
+
+
+def one_cell(name: str, warm: bool) -> None:
+    """Child process: time one speed cell, print one JSON line. warm: after another (tiny) cell's estimate,
+    as every cell of a sweep but the first (torch loads its meta kernels and decompositions on first use)."""
+    import_libraries()
+    if warm:
+        estimate(["model=tiny-sdxl", "data.resolution=64"])
     result, wall, cpu = estimate(SPEED_CELLS[name])
     print(json.dumps({"wall_s": wall, "cpu_s": cpu, "total_gb": result.total_gb, "phases": result.phases,
                       "reason": result.reason}))
 
 
 def speed(repeat: int) -> None:
+    print(f"{'cell':38s} {'first in a process':>26s} {'after another cell':>26s}   total GiB")
     for name in SPEED_CELLS:
-        runs = []
-        for _ in range(repeat):
-            out = subprocess.run([sys.executable, __file__, "--cell", name], capture_output=True, text=True,
-                                 check=True).stdout.strip().splitlines()[-1]
-            runs.append(json.loads(out))
-        best = min(runs, key=lambda r: r["wall_s"])
-        walls = " ".join(f"{r['wall_s']:.2f}" for r in runs)
-        print(f"{name:40s} wall {walls} s  cpu {best['cpu_s']:.2f} s  total {best['total_gb']:.3f} GiB"
-              + (f"  ({best['reason']})" if best["reason"] else ""))
+        line = f"{name:38s}"
+        for warm in (False, True):
+            runs = [_child(name, warm) for _ in range(repeat)]
+            best = min(runs, key=lambda r: r["wall_s"])
+            line += f"   wall {best['wall_s']:5.2f} s cpu {best['cpu_s']:5.2f} s"
+        print(line + f"   {best['total_gb']:.6f}" + (f"  ({best['reason']})" if best["reason"] else ""), flush=True)
+
+
+def _child(name: str, warm: bool) -> dict:
+    command = [sys.executable, __file__, "--cell", name, *(["--warm"] if warm else [])]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
 
 def figures(path: str) -> None:
@@ -144,9 +162,10 @@ if __name__ == "__main__":
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
     parser.add_argument("--repeat", type=int, default=1, help="runs per speed cell (the best is shown)")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
-        one_cell(args.cell)
+        one_cell(args.cell, args.warm)
     elif args.compare:
         sys.exit(compare(*args.compare))
     elif args.figures:

@@ -265,10 +265,12 @@ def _read_json(source: str, filename: str, revision: str | None = None) -> dict:
 def meta_modules(configs: dict[str, tuple[str, dict]]) -> dict[str, torch.nn.Module]:
     """Every component built on the meta device: shapes and dtypes, no memory, no initialisation cost."""
     from accelerate import init_empty_weights
+    from diffusers.models.modeling_utils import no_init_weights
 
     from sdsweep.model.architectures import instantiate
 
-    with init_empty_weights(include_buffers=True):
+    # no_init_weights: torch.nn.init's functions would fill meta tensors, which hold no values, one by one
+    with init_empty_weights(include_buffers=True), no_init_weights():
         modules = {name: instantiate(cls, dict(config)) for name, (cls, config) in configs.items()}
     for module in modules.values():
         module.requires_grad_(False)
@@ -699,11 +701,12 @@ def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
             weight.data = weight.data.float()
             weight.requires_grad_(True)
     else:
-        adapters.attach(modules[denoiser_name], cfg.adapter, adapters.denoiser_patterns(cfg.targets, family),
-                        denoiser_name)
+        _attach_uninitialised(modules[denoiser_name], cfg.adapter,
+                              adapters.denoiser_patterns(cfg.targets, family), denoiser_name)
     if cfg.text_encoder.train:
         for i, name in enumerate(clip_names):
-            adapters.attach(modules[name], cfg.adapter, list(cfg.text_encoder.patterns), f"text encoder {i + 1}")
+            _attach_uninitialised(modules[name], cfg.adapter, list(cfg.text_encoder.patterns),
+                                  f"text encoder {i + 1}")
             trained.append(modules[name])
     trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     adapter_at_rest = sum(p.numel() * 4 + optimizer_state_bytes(p.numel(), cfg.optimizer.name) for p in trainable)
@@ -747,6 +750,18 @@ def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
     )
 
 
+
+
+def _attach_uninitialised(module: torch.nn.Module, adapter, patterns: list[str], what: str) -> None:
+    """adapters.attach without torch.nn.init: peft builds each adapter layer on the CPU, fills it with
+    random values (a third of attaching SDXL's 560 LoRA layers) and then moves it to its base layer's
+    device, meta here, where no value exists."""
+    from diffusers.models.modeling_utils import no_init_weights
+
+    from sdsweep.model import adapters
+
+    with no_init_weights():
+        adapters.attach(module, adapter, patterns, what)
 
 
 def _latents_cached(cfg, notes: list[str]) -> bool:
