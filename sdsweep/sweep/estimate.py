@@ -387,10 +387,10 @@ class _CudaOps(TorchFunctionMode):
         if kind and self.autocast is not None:
             if kind == "fp32":
                 if kwargs.get("dtype") is None:
-                    args, kwargs = pytree.tree_map(
+                    args, kwargs = _map_tensors(
                         lambda t: self._cast(t, torch.float32, (torch.float16, torch.bfloat16)), (args, kwargs))
             else:
-                args, kwargs = pytree.tree_map(
+                args, kwargs = _map_tensors(
                     lambda t: self._cast(t, self.autocast, (torch.float32, torch.float64)), (args, kwargs))
         if kind == "sdpa":
             q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
@@ -401,11 +401,32 @@ class _CudaOps(TorchFunctionMode):
 _KINDS: dict[Any, str] = {}
 
 
+def _map_tensors(fn, value: Any) -> Any:
+    """pytree.tree_map(fn, value) for fn that leaves non-tensors alone, without building a tree spec on
+    every call (a torch function's args nest plain tuples, lists and dicts; anything else goes to pytree)."""
+    kind = type(value)
+    if kind is tuple or kind is list:
+        return kind(_map_tensors(fn, v) for v in value)
+    if kind is dict:
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list, dict)):  # namedtuples, OrderedDicts
+        return pytree.tree_map(fn, value)
+    return value
+
+
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the storages allocated under it that are still alive, and their peak.
 
     A storage is counted once however many views it has, from its allocation until it dies
     (a weak reference), rounded as the CUDA caching allocator rounds (512 bytes)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # nothing here is compiled: without this, torch wraps __torch_dispatch__ in a dynamo-disabling
+        # wrapper whose cost is paid on every one of the trace's ~50 000 ops
+        return False
 
     def __init__(self, external: set[int]):
         super().__init__()

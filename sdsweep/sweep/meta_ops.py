@@ -68,7 +68,7 @@ def _summary(value: Any) -> Any:
             raise _NotMeta
         return ("T", value.shape, value.stride(), value.dtype, value.storage_offset())
     if isinstance(value, (tuple, list)):
-        return (type(value), *(_summary(v) for v in value))
+        return (type(value), *[_summary(v) for v in value])  # a list: cheaper than a generator here
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         raise _NotMeta
     return (type(value), value)
