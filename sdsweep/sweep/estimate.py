@@ -39,14 +39,21 @@ How, with no weights read and nothing on a GPU:
 Not modelled: bitsandbytes' own activation layout for quantized layers (taken as fp16's), the
 allocator's rounding beyond 512 bytes, and evaluation (sampling runs after training, in eval mode
 without gradients: well under the training peak for the same resolution).
+
+Speed (issue 18: an SDXL cell in ~2 s; benchmarks/estimate_speed.py): each meta kernel runs once per
+input layout (meta_ops.MetaOps), nothing is initialised (torch.nn.init is skipped: meta tensors hold
+no values), and the cyclic garbage collector waits until the estimate is done. What is left is
+diffusers', peft's and autograd's own Python per op, and peft attaching its layers one by one.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +63,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdsweep.model.precision import DTYPES, autocast_dtype_of
+from sdsweep.sweep.meta_ops import MetaOps
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +272,12 @@ def _read_json(source: str, filename: str, revision: str | None = None) -> dict:
 def meta_modules(configs: dict[str, tuple[str, dict]]) -> dict[str, torch.nn.Module]:
     """Every component built on the meta device: shapes and dtypes, no memory, no initialisation cost."""
     from accelerate import init_empty_weights
+    from diffusers.models.modeling_utils import no_init_weights
 
     from sdsweep.model.architectures import instantiate
 
-    with init_empty_weights(include_buffers=True):
+    # no_init_weights: torch.nn.init's functions would fill meta tensors, which hold no values, one by one
+    with init_empty_weights(include_buffers=True), no_init_weights():
         modules = {name: instantiate(cls, dict(config)) for name, (cls, config) in configs.items()}
     for module in modules.values():
         module.requires_grad_(False)
@@ -384,10 +394,10 @@ class _CudaOps(TorchFunctionMode):
         if kind and self.autocast is not None:
             if kind == "fp32":
                 if kwargs.get("dtype") is None:
-                    args, kwargs = pytree.tree_map(
+                    args, kwargs = _map_tensors(
                         lambda t: self._cast(t, torch.float32, (torch.float16, torch.bfloat16)), (args, kwargs))
             else:
-                args, kwargs = pytree.tree_map(
+                args, kwargs = _map_tensors(
                     lambda t: self._cast(t, self.autocast, (torch.float32, torch.float64)), (args, kwargs))
         if kind == "sdpa":
             q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
@@ -398,18 +408,40 @@ class _CudaOps(TorchFunctionMode):
 _KINDS: dict[Any, str] = {}
 
 
+def _map_tensors(fn, value: Any) -> Any:
+    """pytree.tree_map(fn, value) for fn that leaves non-tensors alone, without building a tree spec on
+    every call (a torch function's args nest plain tuples, lists and dicts; anything else goes to pytree)."""
+    kind = type(value)
+    if kind is tuple or kind is list:
+        return kind(_map_tensors(fn, v) for v in value)
+    if kind is dict:
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list, dict)):  # namedtuples, OrderedDicts
+        return pytree.tree_map(fn, value)
+    return value
+
+
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the storages allocated under it that are still alive, and their peak.
 
     A storage is counted once however many views it has, from its allocation until it dies
     (a weak reference), rounded as the CUDA caching allocator rounds (512 bytes)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # nothing here is compiled: without this, torch wraps __torch_dispatch__ in a dynamo-disabling
+        # wrapper whose cost is paid on every one of the trace's ~50 000 ops
+        return False
+
     def __init__(self, external: set[int]):
         super().__init__()
         self.external, self.live, self.now, self.peak = external, {}, 0, 0
+        self.ops = MetaOps()  # meta kernels run once per input layout: most of the trace's time otherwise
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = self.ops.run(func, args, kwargs or {})
         if isinstance(out, torch.Tensor):
             self._track(out)
         elif isinstance(out, (tuple, list)):
@@ -615,12 +647,28 @@ def _readable_configs(cfg) -> tuple[dict, list[str]] | None:
 
 def _estimate_or_reason(cfg, configs: tuple[dict, list[str]] | None) -> Estimate:
     try:
-        return _estimate(cfg, configs)
+        with _collector_paused():
+            return _estimate(cfg, configs)
     except EstimateUnavailable as e:
         return Estimate(total_gb=None, reason=str(e))
     except Exception as e:  # noqa: BLE001 - the estimator must never cost a trial
         log.warning("memory estimate failed (%s: %s); the trial is not affected", type(e).__name__, e)
         return Estimate(total_gb=None, reason=f"the estimator failed: {type(e).__name__}: {e}")
+
+
+@contextmanager
+def _collector_paused():
+    """No cyclic garbage collection while estimating: the meta modules and the traced step's autograd
+    graph are a few million objects that every full collection walks again (about a third of the estimate's
+    time). The trace counts storages freed by reference counting; none is left to the collector (the
+    figures are the same with it on), and it runs as usual once the estimate is done."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 ESTIMATOR_VERSION = 2
@@ -697,11 +745,12 @@ def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
             weight.data = weight.data.float()
             weight.requires_grad_(True)
     else:
-        adapters.attach(modules[denoiser_name], cfg.adapter, adapters.denoiser_patterns(cfg.targets, family),
-                        denoiser_name)
+        _attach_uninitialised(modules[denoiser_name], cfg.adapter,
+                              adapters.denoiser_patterns(cfg.targets, family), denoiser_name)
     if cfg.text_encoder.train:
         for i, name in enumerate(clip_names):
-            adapters.attach(modules[name], cfg.adapter, list(cfg.text_encoder.patterns), f"text encoder {i + 1}")
+            _attach_uninitialised(modules[name], cfg.adapter, list(cfg.text_encoder.patterns),
+                                  f"text encoder {i + 1}")
             trained.append(modules[name])
     trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     adapter_at_rest = sum(p.numel() * 4 + optimizer_state_bytes(p.numel(), cfg.optimizer.name) for p in trainable)
@@ -745,6 +794,18 @@ def _estimate(cfg, configs: tuple[dict, list[str]] | None = None) -> Estimate:
     )
 
 
+
+
+def _attach_uninitialised(module: torch.nn.Module, adapter, patterns: list[str], what: str) -> None:
+    """adapters.attach without torch.nn.init: peft builds each adapter layer on the CPU, fills it with
+    random values (a third of attaching SDXL's 560 LoRA layers) and then moves it to its base layer's
+    device, meta here, where no value exists."""
+    from diffusers.models.modeling_utils import no_init_weights
+
+    from sdsweep.model import adapters
+
+    with no_init_weights():
+        adapters.attach(module, adapter, patterns, what)
 
 
 def _latents_cached(cfg, notes: list[str]) -> bool:
