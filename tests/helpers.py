@@ -29,6 +29,51 @@ def run_cli(args: list[str], env: dict, cwd: Path, timeout: int = 600) -> subpro
                           text=True, timeout=timeout)
 
 
+def run_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m sdsweep ARGS` run from `cwd` by this process: `sdsweep.__main__.main()` with sys.argv set,
+    what it prints and its exit status returned as run_cli returns them.
+
+    For the tests of what a sweep computes rather than of the interpreter around it: it saves the ~10 s of
+    imports and ~5 s of model loading a fresh `python -m sdsweep` spends, and starts, like one, with no base
+    model kept loaded. The tests of the command itself (test_cli.py, a killed sweep, Hydra's launchers)
+    keep run_cli."""
+    import contextlib
+    import io
+    import logging
+    import os
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sdsweep import __main__ as cli
+    from sdsweep.model import kept_base
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # Hydra's job logging replaces them: put them back
+    argv, here = sys.argv, os.getcwd()
+    kept_base.drop()
+    cli._single_run_status.clear()  # a fresh process's: a single run's exit status is read from it
+    GlobalHydra.instance().clear()
+    code = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = ["sdsweep", *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        GlobalHydra.instance().clear()
+        kept_base.drop()
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+    return subprocess.CompletedProcess(["python", "-m", "sdsweep", *args], code, out.getvalue(), err.getvalue())
+
+
 def write_bad_records(folder: Path) -> dict[str, int]:
     """One image of each bad kind beside two good ones (.txt captions); returns the expected skip counts."""
     import io

@@ -6,8 +6,7 @@ import csv
 import json
 
 import pytest
-from conftest import cli_env
-from helpers import run_cli
+from helpers import run_in_process
 from omegaconf import OmegaConf
 
 from sdsweep.config.schema import Config
@@ -86,9 +85,9 @@ def test_a_hopeless_trial_of_a_sweep_is_stopped_half_way_and_the_others_finish(c
     """Three trials in order (basic launcher); the third is made hopeless by a noise offset far larger
     than anything the model can predict: its loss is far behind the first two at the check step."""
     sweep = tmp_path / "sweep"
-    result = run_cli(["-m", "train.noise_offset=0.0,0.01,2.0", "train.max_steps=4", "sweep.early_stop.enabled=true",
-                      "eval.enabled=false", f"model.cache_dir={cache_dir}", "tracking.mode=disabled",
-                      f"hydra.sweep.dir={sweep}"], cli_env(cache_dir), tmp_path)
+    result = run_in_process(["-m", "train.noise_offset=0.0,0.01,2.0", "train.max_steps=4", "sweep.early_stop.enabled=true",
+                             "eval.enabled=false", f"model.cache_dir={cache_dir}", "tracking.mode=disabled",
+                             f"hydra.sweep.dir={sweep}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # the early-stop keys stay out of the folder names, so a resumed sweep finds its trials
     folders = {p.parent.name.split("train.noise_offset=")[1].split(",")[0]: p.parent for p in sweep.glob("*/metrics.json")}

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CHEAP_EVAL, cli_env
-from helpers import run_cli
+from conftest import CHEAP_EVAL
+from helpers import run_in_process
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -88,9 +88,9 @@ def test_sdxl_t4_in_tiny_form_runs_every_recipe(cache_dir, tmp_path):
     """The user's one override (scale=tiny); the test narrows the sweep to one text-encoder x targets
     cell (text encoders trained, many layers) to stay fast: its three recipes all train."""
     sweep = tmp_path / "sweep"
-    result = run_cli(["-m", "+experiment=sdxl_t4", "scale=tiny", "text_encoder=lora", "targets=many", *CHEAP_EVAL,
-                      f"model.cache_dir={cache_dir}", "tracking.mode=disabled",
-                      f"hydra.sweep.dir={sweep}"], cli_env(cache_dir), cwd=tmp_path)
+    result = run_in_process(["-m", "+experiment=sdxl_t4", "scale=tiny", "text_encoder=lora", "targets=many", *CHEAP_EVAL,
+                             f"model.cache_dir={cache_dir}", "tracking.mode=disabled",
+                             f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = _trials(sweep)
     assert len(trials) == 3 and all(m["status"] == "finished" for m in trials.values())
@@ -106,9 +106,9 @@ def test_sd3_medium_in_tiny_form_profiles_bf16_and_prunes_int8_without_cuda(cach
     import torch
 
     sweep = tmp_path / "sweep"
-    result = run_cli(["-m", "+experiment=sd3_medium", "scale=tiny", "adapter.rank=1,64", *CHEAP_EVAL,
-                      f"model.cache_dir={cache_dir}", "tracking.mode=disabled",
-                      f"hydra.sweep.dir={sweep}"], cli_env(cache_dir), cwd=tmp_path)
+    result = run_in_process(["-m", "+experiment=sd3_medium", "scale=tiny", "adapter.rank=1,64", *CHEAP_EVAL,
+                             f"model.cache_dir={cache_dir}", "tracking.mode=disabled",
+                             f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = _trials(sweep)
     assert len(trials) == 8  # rank 1/64 x bf16/int8 x lora/full

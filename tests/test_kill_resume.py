@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import README_SWEEP, cli_env
-from helpers import run_cli
+from helpers import run_in_process
 
 from sdsweep.layout import SweepDir, TrialDir
 
@@ -75,7 +75,8 @@ def test_a_sweep_killed_at_a_random_step_resumes_to_the_uninterrupted_sweep(read
     finished_before = {t.name: t.metrics.read_bytes() for t, m in sweep.trials() if m.get("status") == "finished"}
     assert CELLS[victim] not in finished_before, where
 
-    result = run_cli([f"sweep.resume={sweep.path}", f"model.cache_dir={cache_dir}"], env, tmp_path)
+    # the kill needs a process of its own; the resume, which the test is about, runs in this one
+    result = run_in_process([f"sweep.resume={sweep.path}", f"model.cache_dir={cache_dir}"], tmp_path)
     assert result.returncode == 0, f"{where}: {result.stderr[-2000:]}"
 
     reference = SweepDir(readme_sweep.dir)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from conftest import README_SWEEP, cli_env
-from helpers import run_cli
+from helpers import run_cli, run_in_process
 
 from sdsweep.board.leaderboard import write_all
 from sdsweep.sweep.preflight import expand_cells, preflight
@@ -34,7 +34,7 @@ def test_preflight_reports_every_bad_cell_at_once(cache_dir):
 
 @pytest.mark.slow
 def test_a_sweep_with_a_bad_cell_is_not_launched(cache_dir, tmp_path):
-    result = run_cli(["-m", "adapter.rank=0,4", f"hydra.sweep.dir={tmp_path / 's'}"], cli_env(cache_dir), tmp_path)
+    result = run_in_process(["-m", "adapter.rank=0,4", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path)
     assert result.returncode == 2 and "adapter.rank=0" in result.stderr
     assert not list(tmp_path.glob("s/*/metrics.json"))
 
@@ -64,7 +64,7 @@ def test_text_encoder_adapters_are_pruned_when_transformers_refuses_the_installe
 @pytest.mark.slow
 @pytest.mark.xdist_group("readme_sweep")
 def test_an_interrupted_sweep_resumes_keeping_finished_trials(readme_sweep, cache_dir, tmp_path):
-    sweep, env = readme_sweep.copy(tmp_path / "sweep"), cli_env(cache_dir)
+    sweep = readme_sweep.copy(tmp_path / "sweep")  # damaged below; resumed by this process (not about the CLI)
     lora, dora, gone = (sweep / f"adapter={a},targets={t},train.checkpoint_every=2,train.max_steps=4"
                         for a, t in (("lora", "attn"), ("dora", "attn"), ("lora", "many")))
     kept_bytes = (lora / "metrics.json").read_bytes()
@@ -74,7 +74,7 @@ def test_an_interrupted_sweep_resumes_keeping_finished_trials(readme_sweep, cach
     (dora / "metrics.json").unlink()
     shutil.rmtree(dora / "adapter")
     shutil.rmtree(gone)
-    result = run_cli([f"sweep.resume={sweep}", f"model.cache_dir={cache_dir}"], env, tmp_path)
+    result = run_in_process([f"sweep.resume={sweep}", f"model.cache_dir={cache_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (lora / "metrics.json").read_bytes() == kept_bytes  # finished trial untouched
     resumed = json.loads((dora / "metrics.json").read_text())
@@ -99,6 +99,9 @@ def test_atomic_writes_leave_old_or_new_never_half_under_kill(tmp_path):
     target = tmp_path / "metrics.json"
     for attempt in range(5):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)])
+        deadline = time.monotonic() + 60
+        while not target.exists() and time.monotonic() < deadline:  # the first writer's interpreter is starting
+            time.sleep(0.05)  # (seconds on a loaded machine: a kill before any write would test nothing)
         time.sleep(0.8 + 0.15 * attempt)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

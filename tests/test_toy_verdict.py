@@ -38,14 +38,15 @@ ALL_METRICS = {**STYLE_METRICS, "clip_score": True, "content_cos": True}
 
 @pytest.fixture(scope="module")
 def sweep(cache_dir, tmp_path_factory) -> SweepDir:
-    from conftest import cli_env
-    from helpers import run_cli
+    """The two commands, run by this process (helpers.run_in_process: main() as `python -m sdsweep` runs it,
+    without a new interpreter's imports and model load; the trials and scores are the same)."""
+    from helpers import run_in_process
 
     root = tmp_path_factory.mktemp("toy-verdict")
     folder = root / "sweep"
     common = [f"model.cache_dir={cache_dir}", "tracking.mode=disabled", f"hydra.sweep.dir={folder}"]
     for axes in (GRID, ["train.lr=1e-12,0.1"]):  # CONTROL and DESTRUCTIVE, into the same folder
-        result = run_cli(["-m", *axes, *common], cli_env(cache_dir), cwd=root, timeout=900)
+        result = run_in_process(["-m", *axes, *common], cwd=root)
         assert result.returncode == 0, result.stderr[-3000:]
     return SweepDir(folder)
 
