@@ -38,7 +38,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,13 +149,7 @@ def fill(store: EntryStore, wanted: dict[str, Any], compute: Callable[[list[Any]
     """
     started = time.perf_counter()
     report = FillReport(entries=len(wanted))
-    lock = store.lock()
-    try:
-        lock.acquire(timeout=1)
-    except TimeoutError:
-        log.info("cache: another trial is filling %s; waiting for it", store.folder)
-        lock.acquire()
-    try:
+    with held(store.lock(), f"cache: another trial is filling {store.folder}; waiting for it"):
         todo = []
         for key, item in wanted.items():
             status = store.status(key)
@@ -165,17 +160,29 @@ def fill(store: EntryStore, wanted: dict[str, Any], compute: Callable[[list[Any]
                 report.corrupt += 1
                 log.warning("cache: %s entry %s is corrupt; recomputing it", what, store.path(key))
             todo.append((key, item))
-        for chunk in _chunks(todo, batch_size):
+        for chunk in chunks(todo, batch_size):
             for (key, _), tensors in zip(chunk, compute([item for _, item in chunk])):
                 store.write(key, tensors)
                 report.computed += 1
-    finally:
-        lock.release()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _chunks(items: list, size: int) -> Iterable[list]:
+@contextmanager
+def held(lock: FileLock, waiting: str) -> Iterator[None]:
+    """`lock` held for the block; when another process holds it, `waiting` is logged once before waiting."""
+    try:
+        lock.acquire(timeout=1)
+    except TimeoutError:
+        log.info("%s", waiting)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 

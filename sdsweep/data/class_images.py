@@ -36,7 +36,9 @@ from PIL import Image, PngImagePlugin
 from sdsweep.data.cache import (
     _hash,
     _public_config,
+    chunks,
     class_images_root,
+    held,
     module_fingerprint,
     tokenizer_fingerprint,
 )
@@ -147,13 +149,8 @@ def ensure_class_images(cfg, namespace: str, draw: Draw, batch_size: int = 1) ->
     if missing > 0:
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / f"seed-{seed:05d}.png" for seed in range(missing)]
-        lock = FileLock(str(folder / ".lock"))
-        try:
-            lock.acquire(timeout=1)
-        except TimeoutError:
-            log.info("class images: another trial is drawing them into %s; waiting for it", folder)
-            lock.acquire()
-        try:
+        with held(FileLock(str(folder / ".lock")),
+                  f"class images: another trial is drawing them into {folder}; waiting for it"):
             todo = []
             for seed, path in enumerate(paths):
                 if _intact(path):
@@ -163,13 +160,10 @@ def ensure_class_images(cfg, namespace: str, draw: Draw, batch_size: int = 1) ->
                     report.damaged += 1
                     log.warning("class images: %s is damaged; drawing it again", path)
                 todo.append(seed)
-            for start in range(0, len(todo), max(1, batch_size)):
-                seeds = todo[start:start + max(1, batch_size)]
+            for seeds in chunks(todo, max(1, batch_size)):
                 for seed, image in zip(seeds, draw(prompt, seeds)):
                     atomic_write_bytes(paths[seed], _png_bytes(image))
                     report.drawn += 1
-        finally:
-            lock.release()
         report.records += [_record(p, prompt) for p in paths]
     report.seconds = time.perf_counter() - started
     log.info("class images (data.num_class_images=%d, data.class_prompt=%r): %d from data.class_data_dir, "
