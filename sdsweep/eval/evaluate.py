@@ -95,11 +95,10 @@ def _evaluate(cfg: DictConfig, trial_dir: Path, components) -> dict:
     clock = time.perf_counter()
     base = ensure_base(cfg, pipe, trial.base(key), info, scorer, autocast_dtype)
     base_s, clock = time.perf_counter() - clock, time.perf_counter()
+    load_saved_adapter(pipe, trial.adapter, cfg.adapter.kind)
     if inverted:
-        textual_inversion.load(pipe, trial.adapter, cfg.adapter)
         samples = _generate_with_token(pipe, scorer.prompts, cfg, autocast_dtype)
     else:
-        load_saved_adapter(pipe, trial.adapter, cfg.adapter.kind)
         samples = generate(pipe, scorer.prompts, list(cfg.eval.seeds), cfg.eval, autocast_dtype, sampling_batch(cfg))
     with atomic_dir(trial.samples) as tmp:
         for s in samples:

@@ -93,9 +93,12 @@ def adaptable_modules(pipe) -> dict[str, torch.nn.Module]:
 
 def load_saved_adapter(pipe, adapter_dir: Path, kind: str) -> None:
     """Load the trial's adapter from its saved files, the way a user would."""
+    from sdsweep.model import textual_inversion
     from sdsweep.model.adapters import FULL, LORA_WEIGHTS, load_adapter, load_denoiser
 
-    if kind == FULL:  # the trained denoiser takes the base's place, read from its diffusers folder
+    if kind == textual_inversion.KIND:
+        textual_inversion.load(pipe, Path(adapter_dir))
+    elif kind == FULL:  # the trained denoiser takes the base's place, read from its diffusers folder
         slot = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
         setattr(pipe, slot, load_denoiser(Path(adapter_dir), slot, pipeline_denoiser(pipe)))
     elif kind in ("lora", "dora"):

@@ -126,15 +126,19 @@ def remove(pipe, adapter) -> None:
             pipe.unload_textual_inversion(tokens=tokens, tokenizer=tokenizer, text_encoder=encoder)
 
 
-def load(pipe, folder: Path, adapter) -> None:
-    """The saved embedding into a pipeline, the way a user loads it (one call per encoder for SDXL)."""
+def load(pipe, folder: Path) -> None:
+    """The saved embedding into a pipeline, the way a user loads it (one call per encoder for SDXL), under
+    the token `save` wrote into the file's metadata."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(folder) / EMBEDDINGS
+    with safe_open(str(path), framework="pt") as f:
+        token = f.metadata()["token"]
     pairs = pipeline_encoders(pipe)
     if len(pairs) == 1:
-        pipe.load_textual_inversion(str(path), token=adapter.token)
+        pipe.load_textual_inversion(str(path), token=token)
         return
     state = load_file(path)
     for key, (tokenizer, encoder) in zip(FILE_KEYS["sdxl"], pairs):
-        pipe.load_textual_inversion(state[key], token=adapter.token, text_encoder=encoder, tokenizer=tokenizer)
+        pipe.load_textual_inversion(state[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
