@@ -97,3 +97,19 @@ def write_bad_records(folder: Path) -> dict[str, int]:
     (folder / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (folder / "garbage.txt").write_text("a fine caption")
     return {"empty caption": 1, "no caption": 1, "too small": 1, "unreadable image": 2}
+
+
+def export_refusal(cfg, trial) -> str:
+    """What `python -m sdsweep.export` says of an in-process trial, once it has the .hydra/config.yaml Hydra
+    writes for a trial of the CLI (the export command reads it)."""
+    from omegaconf import OmegaConf
+
+    from sdsweep.export.trial import TrialError, open_trial
+
+    trial.config.parent.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, trial.config)
+    try:
+        open_trial(trial.path)
+    except TrialError as e:
+        return str(e)
+    raise AssertionError(f"{trial.path}: the export command accepted it")
