@@ -223,3 +223,29 @@ def test_a_used_tokenizer_keeps_its_fingerprint(make_cfg):
     before = tokenizer_fingerprint(tokenizer)
     tokenizer(["a caption"], padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
     assert tokenizer_fingerprint(tokenizer) == before
+
+
+def test_a_tokenizer_fingerprint_follows_added_tokens(make_cfg):
+    """The fingerprint is remembered per tokenizer; a token added to it (textual inversion) is another
+    vocabulary, and removing it again gives back the first fingerprint, computed afresh or remembered."""
+    import copy
+
+    from sdsweep.data import cache
+    from sdsweep.model import kept_base
+
+    components, _ = kept_base.acquire(make_cfg(), torch.device("cpu"))
+    tokenizer = copy.deepcopy(components.tokenizers[0])
+    before = cache.tokenizer_fingerprint(tokenizer)
+    assert cache._TOKENIZER_FINGERPRINTS[tokenizer][1] == before  # remembered
+    assert before == cache._tokenizer_spec_hash(tokenizer)  # and what computing it gives
+    tokenizer.add_tokens(["<new-token>"])
+    added = cache.tokenizer_fingerprint(tokenizer)
+    assert added != before and added == cache._tokenizer_spec_hash(tokenizer)
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+
+    encoder = copy.deepcopy(components.text_encoders[0])
+    encoder.resize_token_embeddings(len(tokenizer))
+    # what evaluation does between trials (model/textual_inversion.remove), on this tokenizer alone
+    TextualInversionLoaderMixin.unload_textual_inversion(None, tokens=["<new-token>"], tokenizer=tokenizer,
+                                                         text_encoder=encoder)
+    assert cache.tokenizer_fingerprint(tokenizer) == before == cache._tokenizer_spec_hash(tokenizer)

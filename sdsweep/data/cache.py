@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -225,7 +226,32 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 def tokenizer_fingerprint(tokenizer) -> str:
     """Vocabulary, merges, normalisation: what maps a caption to ids. Not the fast tokenizer's
     truncation and padding state, which every call with truncation=True/padding= rewrites (a base
-    model kept from the previous trial has a used tokenizer; its ids are the same)."""
+    model kept from the previous trial has a used tokenizer; its ids are the same).
+
+    Serialising CLIP's vocabulary and merges costs about 0.3 s, so the hash is remembered per tokenizer
+    object, under what can change in one after it is loaded: tokens added to it (textual inversion adds
+    and removes them), its maximum length and its padding token."""
+    state = _tokenizer_state(tokenizer)
+    remembered = _TOKENIZER_FINGERPRINTS.get(tokenizer)
+    if remembered is not None and remembered[0] == state:
+        return remembered[1]
+    fingerprint = _tokenizer_spec_hash(tokenizer)
+    try:
+        _TOKENIZER_FINGERPRINTS[tokenizer] = (state, fingerprint)
+    except TypeError:  # an object that takes no weak reference: computed every time
+        pass
+    return fingerprint
+
+
+_TOKENIZER_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_state(tokenizer) -> tuple:
+    added = sorted((str(k), v) for k, v in tokenizer.get_added_vocab().items())
+    return len(tokenizer), tuple(added), tokenizer.model_max_length, str(tokenizer.pad_token)
+
+
+def _tokenizer_spec_hash(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
