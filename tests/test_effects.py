@@ -170,3 +170,28 @@ def _write_sweep_trial(folder, name: str, shift: float) -> None:
          "choices": {"adapter": name.split("=")[1]}, **record(0.3 + noise(0) + shift)}
     (folder / name).mkdir()
     (folder / name / "metrics.json").write_text(json.dumps(m))
+
+
+def test_the_composite_of_every_draw_at_once_equals_the_composite_of_each_draw_exactly():
+    """composite_draws is composite() per draw, vectorized: the same numbers to the last bit, through NaN draws,
+    a base value of 0, gains past the clip, a set-level metric standing for every draw and one that is missing."""
+    rng = np.random.default_rng(3)
+    draws = 500
+    clip = rng.normal(25, 8, draws)
+    clip[rng.integers(0, draws, 40)] = np.nan  # draws where the metric has no value
+    content = rng.normal(0.0, 0.3, draws)  # against a base of exactly 0: the +-100 % rule
+    content[:5] = 0.0
+    style = rng.normal(0.5, 0.9, draws)  # gains far past +-100 %
+    values = {"clip_score": clip, "content_cos": content, "style_centroid_cos": style, "kid": 0.04,
+              "gram_distance": None}
+    base = {"clip_score": 24.0, "content_cos": 0.0, "style_centroid_cos": 0.2, "kid": 0.05, "gram_distance": 1.0,
+            "color_distance": 2.0}
+    higher = {"clip_score": True, "content_cos": True, "style_centroid_cos": True, "kid": False,
+              "gram_distance": False, "color_distance": False}
+    weights = {"clip_score": 1.0, "content_cos": 0.5, "style_centroid_cos": 2.0, "kid": 1.0, "gram_distance": 1.0,
+               "color_distance": 0.0}
+    each = np.array([fx.composite({k: (v[d] if isinstance(v, np.ndarray) else v) for k, v in values.items()},
+                                  base, weights, higher) for d in range(draws)], dtype=np.float64)
+    np.testing.assert_array_equal(fx.composite_draws(values, base, weights, higher, draws), each)
+    nothing = fx.composite_draws({"clip_score": np.full(3, np.nan)}, base, {"clip_score": 1.0}, higher, 3)
+    assert np.isnan(nothing).all()  # no metric counted in any draw: no composite, as composite() says None
