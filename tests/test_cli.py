@@ -1,4 +1,7 @@
-"""`python -m sdsweep` as a user runs it: a subprocess, from another working directory."""
+"""`python -m sdsweep` as a user runs it: a subprocess, from another working directory. The README sweep, a
+single run and a typo start real interpreters (what the shell sees); the failed-trial sweep and the bad data
+folder run main() in this process (helpers.run_in_process), since what they check, the trials' statuses
+and the exit status main() sets, does not depend on a new interpreter."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 
 import pytest
 from conftest import cli_env
-from helpers import run_cli, write_folder
+from helpers import run_cli, run_in_process, write_folder
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +43,7 @@ def test_the_readme_2x2_sweep_gives_four_trial_folders(readme_sweep):
 
 def test_a_failed_trial_does_not_stop_the_sweep_and_sets_the_exit_status(cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli(["-m", "debug.nan_at_step=1,-1", *_common(cache_dir, sweep)], cli_env(cache_dir), cwd=tmp_path)
+    result = run_in_process(["-m", "debug.nan_at_step=1,-1", *_common(cache_dir, sweep)], cwd=tmp_path)
     assert result.returncode == 1
     failed = json.loads((sweep / "debug.nan_at_step=1,train.max_steps=2" / "metrics.json").read_text())
     finished = json.loads((sweep / "debug.nan_at_step=-1,train.max_steps=2" / "metrics.json").read_text())
@@ -66,7 +69,7 @@ def test_unknown_option_is_refused_before_anything_runs(cache_dir, tmp_path):
 def test_data_folder_without_captions_fails_with_the_fix(cache_dir, tmp_path):
     folder = write_folder(tmp_path / "imgs", captions="none")
     out = tmp_path / "run"
-    result = run_cli([f"data.path={folder}", *_common(cache_dir, out)], cli_env(cache_dir), cwd=tmp_path)
+    result = run_in_process([f"data.path={folder}", *_common(cache_dir, out)], cwd=tmp_path)
     assert result.returncode == 1
     reason = json.loads((out / "metrics.json").read_text())["reason"]
     assert "no captions" in reason and "metadata.jsonl" in reason
