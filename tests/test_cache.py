@@ -249,3 +249,24 @@ def test_a_tokenizer_fingerprint_follows_added_tokens(make_cfg):
     TextualInversionLoaderMixin.unload_textual_inversion(None, tokens=["<new-token>"], tokenizer=tokenizer,
                                                          text_encoder=encoder)
     assert cache.tokenizer_fingerprint(tokenizer) == before == cache._tokenizer_spec_hash(tokenizer)
+
+
+def test_a_tokenizer_loaded_again_from_the_same_files_is_not_serialised_again(make_cfg, tmp_path, monkeypatch):
+    """A trial that loads the base afresh gets new tokenizer objects from the same folder: the fingerprint
+    is the remembered one. Files written anew (another vocabulary) are hashed again."""
+    from transformers import CLIPTokenizer
+
+    from sdsweep.data import cache
+    from sdsweep.model import kept_base
+
+    components, _ = kept_base.acquire(make_cfg(), torch.device("cpu"))
+    components.tokenizers[0].save_pretrained(tmp_path / "tok")
+    first = cache.tokenizer_fingerprint(CLIPTokenizer.from_pretrained(tmp_path / "tok"))
+    computed = []
+    monkeypatch.setattr(cache, "_tokenizer_spec_hash", lambda t: computed.append(t) or "computed")
+    assert cache.tokenizer_fingerprint(CLIPTokenizer.from_pretrained(tmp_path / "tok")) == first and not computed
+    other = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    other.add_tokens(["<in-the-files>"])
+    other.save_pretrained(tmp_path / "tok")  # the folder now holds another vocabulary
+    assert cache.tokenizer_fingerprint(CLIPTokenizer.from_pretrained(tmp_path / "tok")) == "computed"
+    assert len(computed) == 1

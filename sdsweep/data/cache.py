@@ -228,22 +228,39 @@ def tokenizer_fingerprint(tokenizer) -> str:
     truncation and padding state, which every call with truncation=True/padding= rewrites (a base
     model kept from the previous trial has a used tokenizer; its ids are the same).
 
-    Serialising CLIP's vocabulary and merges costs about 0.3 s, so the hash is remembered per tokenizer
-    object, under what can change in one after it is loaded: tokens added to it (textual inversion adds
-    and removes them), its maximum length and its padding token."""
-    state = _tokenizer_state(tokenizer)
+    Serialising CLIP's vocabulary and merges costs about 0.3 s, so the hash is remembered, under what
+    can change in a tokenizer after it is loaded (tokens added to it: textual inversion adds and removes
+    them; its maximum length; its padding token), per tokenizer object and per folder it was loaded
+    from (the files' names, sizes and modification times): each trial that loads the base afresh loads
+    the same files."""
+    key = (type(tokenizer).__name__, _tokenizer_state(tokenizer))
+    source = _tokenizer_files(tokenizer)
     remembered = _TOKENIZER_FINGERPRINTS.get(tokenizer)
-    if remembered is not None and remembered[0] == state:
+    if remembered is not None and remembered[0] == key:
         return remembered[1]
-    fingerprint = _tokenizer_spec_hash(tokenizer)
+    fingerprint = _FINGERPRINTS_BY_FILES.get((source, key)) if source else None
+    if fingerprint is None:
+        fingerprint = _tokenizer_spec_hash(tokenizer)
+        if source:
+            _FINGERPRINTS_BY_FILES[(source, key)] = fingerprint
     try:
-        _TOKENIZER_FINGERPRINTS[tokenizer] = (state, fingerprint)
-    except TypeError:  # an object that takes no weak reference: computed every time
+        _TOKENIZER_FINGERPRINTS[tokenizer] = (key, fingerprint)
+    except TypeError:  # an object that takes no weak reference: remembered by its files only
         pass
     return fingerprint
 
 
 _TOKENIZER_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FINGERPRINTS_BY_FILES: dict[tuple, str] = {}
+
+
+def _tokenizer_files(tokenizer) -> tuple | None:
+    """(folder, (name, size, mtime) of each file in it) for a tokenizer loaded from a local folder, else None."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if not str(folder) or not folder.is_dir():
+        return None
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+    return str(folder.resolve()), tuple(files)
 
 
 def _tokenizer_state(tokenizer) -> tuple:
