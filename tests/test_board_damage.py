@@ -233,3 +233,22 @@ def test_a_damaged_base_record_is_drawn_again_not_a_failure_of_every_trial(tmp_p
     assert json.loads(folder.record.read_text())["eval_images"][0]["file"] == "00_a-cat_seed0.png"
     again = base_mod.ensure_base(cfg, None, folder, {}, Scorer(), None)  # now read back, not drawn
     assert [s.file for s in again] == ["00_a-cat_seed0.png"] and again[0].image.getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_rewriting_the_report_encodes_only_new_or_changed_samples(sweep, monkeypatch):
+    """The report is rewritten after every trial: earlier samples' thumbnails are remembered by file, and a
+    sample written anew (another image) is encoded again and shown as it is now."""
+    encoded = []
+    real = report._encode_png
+    monkeypatch.setattr(report, "_encode_png", lambda path: encoded.append(path.name) or real(path))
+    monkeypatch.setattr(report, "_THUMBNAILS", {})
+    write_all(sweep, echo=False)
+    first = len(encoded)
+    assert first == 2 * 3  # base, lora, dora: two images each
+    write_all(sweep, echo=False)
+    assert len(encoded) == first  # nothing encoded again
+    sample = next((sweep / "adapter=lora" / "samples").glob("*.png"))
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(sample)
+    write_all(sweep, echo=False)
+    assert encoded[first:] == [sample.name]
+    assert real(sample) in (sweep / "report.html").read_text()

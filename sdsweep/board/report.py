@@ -25,6 +25,23 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def _png(path: Path) -> str:
+    """The image as an embedded thumbnail. Remembered by file (path, size, modification time): the report
+    is rewritten after every trial of a sweep, and encoding every earlier trial's samples again made that
+    quadratic in the number of trials."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if (cached := _THUMBNAILS.get(key)) is None:
+        cached = _THUMBNAILS[key] = _encode_png(path)
+        while len(_THUMBNAILS) > MAX_THUMBNAILS:  # oldest first: a long-lived process stays bounded
+            del _THUMBNAILS[next(iter(_THUMBNAILS))]
+    return cached
+
+
+MAX_THUMBNAILS = 4096
+_THUMBNAILS: dict[tuple, str] = {}
+
+
+def _encode_png(path: Path) -> str:
     with Image.open(path) as im:
         im = im.convert("RGB")
         im.thumbnail((THUMB, THUMB))
