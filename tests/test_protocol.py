@@ -149,3 +149,21 @@ def test_a_single_run_whose_encoders_are_missing_stops_before_training_with_the_
     metrics = run_trial(cfg, tmp_path / "trial")
     assert metrics["status"] == "failed" and "eval.dino_model" in metrics["reason"]
     assert "losses" not in metrics and not (tmp_path / "trial" / "adapter").exists()
+
+
+def test_the_colour_bootstrap_gives_exactly_the_quantiles_of_each_resample():
+    """resampled_channel_quantiles(pixels)(i) is channel_quantiles(pixels[i]) to the last bit, for resamples
+    with repeats and missing images, pixels with ties (an 8-bit image's values repeat) and a reordering."""
+    import numpy as np
+
+    from sdsweep.eval import metrics as M
+
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 256, size=(7, 3, 16, 12)).astype(np.float32) / 255)
+    pixels[2] = pixels[5]  # two identical images
+    of = M.resampled_channel_quantiles(pixels)
+    for _ in range(25):
+        i = torch.from_numpy(rng.integers(0, 7, size=7))
+        assert torch.equal(of(i), M.channel_quantiles(pixels[i]))
+    assert torch.equal(of(torch.tensor([3, 3, 3, 3, 3, 3, 3])), M.channel_quantiles(pixels[[3] * 7]))
+    assert torch.equal(of(torch.arange(7)), M.channel_quantiles(pixels))

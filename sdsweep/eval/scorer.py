@@ -166,8 +166,9 @@ class Scorer:
                f"{PREFIX}color_distance": M.color_distance_of(pixels, ref_quantiles=ref_q)}
         out.update(_interval("gram_distance", lambda i: M.gram_distance_of([g[i].mean(0) for g in grams], ref_grams),
                              len(images)))
-        out.update(_interval("color_distance", lambda i: M.color_distance_of(pixels[i], ref_quantiles=ref_q),
-                             len(images)))
+        resampled = M.resampled_channel_quantiles(pixels)
+        out.update(_interval("color_distance", lambda i: M.color_distance_of(None, ref_quantiles=ref_q,
+                                                                             gen_quantiles=resampled(i)), len(images)))
         return out
 
     def _dino(self, samples: list[Sample], rows: list[dict]) -> dict:
