@@ -26,9 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from sdsweep import adapters, models  # noqa: E402
 from sdsweep.config.store import register_configs  # noqa: E402
+from sdsweep.model import adapters  # noqa: E402
+from sdsweep.model import load as models  # noqa: E402
 from sdsweep.model.architectures import family_components, instantiate  # noqa: E402
+from sdsweep.model.precision import autocast, autocast_dtype_of  # noqa: E402
 
 
 def compose_cfg(*overrides: str):
@@ -57,10 +59,13 @@ def save_random_sdxl(folder: str, dtype: torch.dtype = torch.float16) -> None:
 class SdxlTrainer:
     """The UNet with its adapter, optimizer and scaler, and one batch of latents and conditioning."""
 
-    def __init__(self, cfg, device: torch.device):
+    def __init__(self, cfg, device: torch.device, parts: dict[str, torch.nn.Module] | None = None):
+        """`parts`: the pipeline's modules by name (default: SDXL's real architecture, random weights);
+        the tests pass the tiny SDXL's, so this GPU-only benchmark code is exercised on a CPU too."""
         from sdsweep.train.setup import build_optimizer, compiled
 
-        parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()}
+        if parts is None:
+            parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()}
         for m in parts.values():
             m.requires_grad_(False)
         comps = models.Components("sdxl", "random", parts["unet"], parts["vae"],
@@ -84,10 +89,13 @@ class SdxlTrainer:
             self.unet = compiled(self.unet, cfg.train)
         self.params = adapters.trainable_parameters(self.unet)
         self.optimizer = build_optimizer(cfg, [{"params": self.params, "lr": 1e-4}], device)
-        self.dtype = models.DTYPES[cfg.precision.mixed_precision]
+        self.dtype = autocast_dtype_of(cfg.precision)  # None: full precision (precision=fp32)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.mixed_precision == "fp16")
-        self.embeds = torch.randn(batch, 77, 2048, device=device, dtype=self.dtype)
-        self.added = {"text_embeds": torch.randn(batch, 1280, device=device, dtype=self.dtype),
+        # the conditioning's widths from the UNet's config (SDXL: 2048 per token, a pooled 1280 + 6 time ids x 256)
+        unet_cfg = comps.denoiser.config
+        pooled = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
+        self.embeds = torch.randn(batch, 77, unet_cfg.cross_attention_dim, device=device, dtype=self.dtype or torch.float32)
+        self.added = {"text_embeds": torch.randn(batch, pooled, device=device, dtype=self.dtype or torch.float32),
                       "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device,
                                                dtype=torch.float32)}
         self.device = device
@@ -95,7 +103,7 @@ class SdxlTrainer:
     def forward_loss(self) -> torch.Tensor:
         noise = torch.randn_like(self.latents)
         t = torch.randint(0, 1000, (self.latents.shape[0],), device=self.device)
-        with torch.autocast(self.device.type, dtype=self.dtype):
+        with autocast(self.device, self.dtype):
             pred = self.unet(self.latents + noise, t, self.embeds, added_cond_kwargs=self.added).sample
             return torch.nn.functional.mse_loss(pred.float(), noise)
 

@@ -21,7 +21,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 STUDIES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cells(study: str, *extra: str) -> list[tuple[list[str], object]]:
     """(overrides, config) of every cell `python -m sdsweep -m +experiment=STUDY EXTRA` launches. Composed
     once per study and scale (the tests only read the configs): 13 compositions take about 4 s."""

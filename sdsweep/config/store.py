@@ -51,7 +51,7 @@ def trial_dirname(override_dirname: str) -> str:
 _NOT_IN_SCHEMA = object()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _schema_type(key: str) -> Any:
     """The type schema.py gives the dotted `key`, or _NOT_IN_SCHEMA. Every entry of a dict node is a
     key of it (eval.score_weights.kid). Remembered: the schema does not change while a process runs, and
