@@ -27,9 +27,11 @@ _running: dict[str, Path] = {}
 
 @hydra.main(version_base="1.3", config_path="pkg://sdsweep.conf", config_name="config")
 def trial(cfg: DictConfig) -> float | None:
+    from sdsweep.sweep.collector import freeze_libraries
     from sdsweep.sweep.trial import process_rank, run_trial
 
     _quiet_libraries()  # again here: joblib and submitit run trials in fresh processes
+    freeze_libraries(cfg)  # before the first trial: its gc.collect() calls then skip the libraries' objects
     if process_rank() > 0:  # one trial on several processes: rank 0 speaks for all of them
         logging.getLogger().setLevel(logging.WARNING)
     hc = HydraConfig.get()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import importlib
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from sdsweep.config.store import register_configs  # noqa: E402
+from sdsweep.sweep import collector  # noqa: E402
 
 # one thread per test process: xdist runs one worker per core, and tiny models are dominated by
 # per-op overhead that more threads only add to
@@ -41,14 +41,6 @@ register_configs()
 # freeze. So the libraries a trial, its evaluation and the leaderboard import lazily are imported here
 # (each worker imports them for its first trial anyway), and frozen with the test modules once they are
 # collected; a test that imports more (export, real encoders...) has them frozen after its teardown.
-LAZY_IMPORTS = [
-    "pandas", "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
-    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
-    "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3", "diffusers.optimization",
-    "diffusers.training_utils", "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5",
-    "peft", "accelerate", "open_clip", "torchmetrics.image", "torch._dynamo", "wandb", "bitsandbytes",
-    "prodigyopt", "safetensors.torch", "torchvision.transforms",
-]
 _frozen_modules = 0
 
 
@@ -61,11 +53,7 @@ def _freeze_garbage_collector() -> None:
 
 def pytest_collection_finish(session):
     """In each process that runs tests (xdist's controller collects nothing and never gets here)."""
-    for name in LAZY_IMPORTS:
-        try:
-            importlib.import_module(name)
-        except ImportError:  # an optional dependency this environment lacks: the tests that need it skip
-            pass
+    collector.import_all(collector.libraries(None))  # every library any trial imports lazily
     _freeze_garbage_collector()  # the libraries above, the test modules and what they import
 
 

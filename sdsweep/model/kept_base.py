@@ -61,6 +61,11 @@ def give_back(cfg: DictConfig, components: models.Components | None, device: tor
     _kept.update(key=base_key(cfg, device), components=components)
 
 
+def holds_model() -> bool:
+    """Whether a base model is kept loaded now."""
+    return bool(_kept)
+
+
 def drop() -> None:
     """Forget the kept base model and return its memory."""
     if _kept:
