@@ -356,3 +356,18 @@ def test_a_configuration_within_the_interval_of_the_best_shares_rank_1_and_one_b
     assert board.loc["adapter=loha", "composite_vs_best_high"] == pytest.approx(-12.0)  # the same on every cell
     assert list(board.index[1:]) == ["adapter=lora", "adapter=dora", "adapter=loha"]
     assert build(s, weights)[0]["composite_vs_best_low"].equals(board.reset_index()["composite_vs_best_low"])
+
+
+def test_a_trials_seed_is_read_from_its_config_again_when_the_file_changes(tmp_path):
+    """The board remembers each config.yaml's seed (it is rewritten after every trial), by the file's state."""
+    from sdsweep.layout import TrialDir
+
+    trial = TrialDir(tmp_path / "adapter=lora")
+    trial.config.parent.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"seed": 1}), trial.config)
+    assert leaderboard.trial_seed(trial, []) == 1
+    OmegaConf.save(OmegaConf.create({"seed": 2024, "note": "rewritten"}), trial.config)
+    assert leaderboard.trial_seed(trial, []) == 2024
+    assert leaderboard.trial_seed(trial, ["seed=7"]) == 7  # an override says it first
+    trial.config.write_text("seed: [unclosed")
+    assert leaderboard.trial_seed(trial, []) is None
