@@ -20,7 +20,8 @@ LoRA on the UNet's attention (to_q/k/v/out) only, so each of its runs is the che
 alpha = rank as the script sets it), each reference run with that cell's --rank.
 
 Prints both wall times, both mean training speeds (sdsweep: each trial's steps_per_s in metrics.json;
-the script: the rate its progress bar ends on) and the ratio. Run by hand, never in CI.
+the script: the rate its progress bar ends on) and the ratio; with --repeat N, N rounds of both and
+the medians (one machine's noise moves single runs by 20 %). Run by hand, never in CI.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 STEPS = 100
 LIKE_FOR_LIKE_RANKS = [4, 8, 16, 32]
@@ -54,8 +56,8 @@ def prepare(cache_dir: Path) -> tuple[Path, Path]:
     return ensure_toy_model(cache_dir), ensure_toy_dataset(str(cache_dir))
 
 
-def run_sweep(cells: list[str], steps: int, cache_dir: Path, out: Path) -> tuple[float, list[dict]]:
-    command = [sys.executable, "-m", "sdsweep", "-m", *cells, f"train.max_steps={steps}", "eval.enabled=false",
+def run_sweep(cells: list[str], steps: int, cache_dir: Path, out: Path, evaluate: bool = False) -> tuple[float, list[dict]]:
+    command = [sys.executable, "-m", "sdsweep", "-m", *cells, f"train.max_steps={steps}", f"eval.enabled={evaluate}",
                "train.lr=1e-3", "train.batch_size=2", "data.resolution=64", "optimizer.scheduler=constant",
                f"model.cache_dir={cache_dir}", f"cache.dir={out / 'features'}", f"hydra.sweep.dir={out / 'sweep'}"]
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--cells", nargs="*", default=["adapter=lora,dora", "targets=attn,many"])
     parser.add_argument("--like-for-like", action="store_true",
                         help=f"LoRA on attention at ranks {LIKE_FOR_LIKE_RANKS}, in both")
+    parser.add_argument("--with-eval", action="store_true", help="then the sweep once more with evaluation on")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of both; medians are printed")
     parser.add_argument("--out", type=Path, default=None, help="keep the folders here (default: a temp dir)")
     args = parser.parse_args()
     if not args.reference.is_file():
@@ -112,6 +116,26 @@ def main() -> None:
     print(f"{len(ranks)} cells x {args.steps} steps ({' '.join(cells)}); model {model}; data {data}; "
           f"folders in {out}", flush=True)
 
+    rounds = [one_round(args, cells, ranks, model, data, cache_dir, out / f"round{r}") for r in range(args.repeat)]
+    print(f"\n{'':28s} {'wall s':>8s} {'mean it/s':>10s}   (median of {args.repeat} round(s))")
+    print(f"{'sdsweep (one sweep)':28s} {median(r['sweep_s'] for r in rounds):8.1f} "
+          f"{median(r['sweep_it_s'] for r in rounds):10.1f}")
+    print(f"{f'reference ({len(ranks)} runs)':28s} {median(r['reference_s'] for r in rounds):8.1f} "
+          f"{median(r['reference_it_s'] for r in rounds):10.1f}")
+    ratios = [r["sweep_s"] / r["reference_s"] for r in rounds]
+    print(f"ratio sdsweep / reference: {median(ratios):.2f} (each round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+          "goal: at most 0.40)")
+    if args.with_eval:
+        wall, trials = run_sweep(cells, args.steps, cache_dir, out / "with-eval", evaluate=True)
+        phases = {p: sum(t.get(p) or 0.0 for t in trials) for p in ("eval_base_s", "sample_s", "score_s")}
+        print(f"\nthe same sweep with evaluation on (the embedded default's eval settings): {wall:.1f} s, "
+              f"{wall - median(r['sweep_s'] for r in rounds):+.1f} s against the median without: "
+              + ", ".join(f"{p[:-2]} {v:.1f} s" for p, v in phases.items()))
+
+
+def one_round(args, cells: list[str], ranks: list[int], model: Path, data: Path, cache_dir: Path, out: Path) -> dict:
+    """The sweep, then the script once per cell: a round's figures (rounds repeat both, a machine's noise
+    falls on both alike)."""
     sweep_wall, trials = run_sweep(cells, args.steps, cache_dir, out / "sdsweep")
     print(f"\nsdsweep: one sweep of {len(trials)} trials in {sweep_wall:.1f} s")
     for t in trials:
@@ -122,14 +146,8 @@ def main() -> None:
         wall, rate = run_reference(args.reference, model, data, rank, args.steps, out / "reference" / f"run{i}")
         reference.append((wall, rate))
         print(f"reference run {i} (--rank {rank}): {wall:.1f} s, {rate:.1f} it/s", flush=True)
-    reference_wall = sum(w for w, _ in reference)
-
-    ours_rate = sum(t["steps_per_s"] for t in trials) / len(trials)
-    ref_rate = sum(r for _, r in reference) / len(reference)
-    print(f"\n{'':28s} {'wall s':>8s} {'mean it/s':>10s}")
-    print(f"{'sdsweep (one sweep)':28s} {sweep_wall:8.1f} {ours_rate:10.1f}")
-    print(f"{f'reference ({len(ranks)} runs)':28s} {reference_wall:8.1f} {ref_rate:10.1f}")
-    print(f"ratio sdsweep / reference: {sweep_wall / reference_wall:.2f} (goal: at most 0.40)")
+    return {"sweep_s": sweep_wall, "sweep_it_s": sum(t["steps_per_s"] for t in trials) / len(trials),
+            "reference_s": sum(w for w, _ in reference), "reference_it_s": sum(r for _, r in reference) / len(reference)}
 
 
 if __name__ == "__main__":
