@@ -59,6 +59,7 @@ def run_mode(mode: str, cells: list[list[str]], common: list[str], root: Path) -
     from omegaconf import OmegaConf
 
     from sdsweep.model import kept_base
+    from sdsweep.sweep.collector import freeze_libraries
     from sdsweep.sweep.trial import run_trial
 
     kept_base.drop()
@@ -69,6 +70,7 @@ def run_mode(mode: str, cells: list[list[str]], common: list[str], root: Path) -
         if i == 0:  # a multirun's folder, as Hydra writes it: the trials share the base model's samples
             (root / mode).mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, root / mode / "multirun.yaml")
+        freeze_libraries(cfg)  # as `python -m sdsweep` does before its first trial (the warm-up's, here)
         started = time.perf_counter()
         metrics = run_trial(cfg, root / mode / f"trial{i}", trial_number=i)
         if metrics["status"] != "finished":

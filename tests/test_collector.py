@@ -55,7 +55,9 @@ def test_nothing_is_frozen_while_a_base_model_is_kept(make_cfg, unfrozen, monkey
 def test_the_libraries_imported_first_follow_the_config(make_cfg):
     plain = collector.libraries(make_cfg())
     assert collector.PIPELINES["sdxl"] in plain and "open_clip" not in plain and "wandb" not in plain
-    assert "open_clip" in collector.libraries(make_cfg(evaluate=True))
+    assert {"open_clip", "torchmetrics.image"} <= set(collector.libraries(make_cfg(evaluate=True)))
+    weight_free = collector.libraries(make_cfg("eval.metrics=[random_style]", evaluate=True))
+    assert "open_clip" not in weight_free and "torchmetrics.image" not in weight_free  # never imported by it
     assert "wandb" in collector.libraries(make_cfg("tracking.mode=offline"))
     assert "prodigyopt" in collector.libraries(make_cfg("optimizer=prodigy"))
     sd3 = collector.libraries(make_cfg("model=tiny-sd3"))

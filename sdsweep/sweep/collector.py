@@ -28,6 +28,7 @@ PIPELINES = {
 TRAINING = ["diffusers.optimization", "diffusers.training_utils", "peft", "accelerate", "safetensors.torch",
             "transformers.models.clip.modeling_clip", "pandas"]  # pandas: the board, rewritten after each trial
 EVALUATION = ["open_clip", "torchmetrics.image", "torchvision.transforms"]
+WEIGHT_FREE_METRICS = {"random_style"}  # scored without open_clip (a random network of its own)
 
 
 def libraries(cfg: DictConfig | None) -> list[str]:
@@ -38,8 +39,11 @@ def libraries(cfg: DictConfig | None) -> list[str]:
     names = [PIPELINES[cfg.model.family], *TRAINING]
     if cfg.model.family == "sd3":
         names.append("transformers.models.t5.modeling_t5")
-    if cfg.eval.enabled:
-        names += EVALUATION
+    metrics = set(cfg.eval.metrics) if cfg.eval.enabled else set()
+    if metrics - WEIGHT_FREE_METRICS:  # CLIP (and with it timm, torchvision) scores them
+        names += ["open_clip", "torchvision.transforms"]
+    if "kid" in metrics:
+        names.append("torchmetrics.image")
     if cfg.tracking.mode != "disabled":
         names.append("wandb")
     names += {"adamw8bit": ["bitsandbytes"], "prodigy": ["prodigyopt"]}.get(cfg.optimizer.name, [])
