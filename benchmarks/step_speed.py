@@ -24,8 +24,9 @@ from sdxl_random import SdxlTrainer, compose_cfg
 PEAK_TFLOPS = {"T4": 65, "A10": 125, "L4": 121, "A100": 312, "H100": 989, "H200": 989, "4090": 165}
 
 
-def step_flops(cfg) -> tuple[float, float]:
-    """(forward, whole step) FLOPs of the UNet with its adapter, counted on the meta device."""
+def step_flops(cfg) -> tuple[float, float, dict[str, float]]:
+    """(forward, whole step, the whole step's FLOPs by kind of op) of the UNet with its adapter, counted
+    on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdsweep.model import adapters
@@ -47,7 +48,24 @@ def step_flops(cfg) -> tuple[float, float]:
             unet(*args, added_cond_kwargs=added)
     with FlopCounterMode(display=False) as whole:
         unet(*args, added_cond_kwargs=added).sample.float().pow(2).mean().backward()
-    return forward.get_total_flops(), whole.get_total_flops()
+    by_op: dict[str, float] = {}
+    for op, flops in whole.get_flop_counts()["Global"].items():
+        kind = op_kind(str(op))
+        by_op[kind] = by_op.get(kind, 0) + flops
+    return forward.get_total_flops(), whole.get_total_flops(), by_op
+
+
+def op_kind(op: str) -> str:
+    """Convolutions (and their backward); mm/addmm: the linear layers (projections, feed-forward, LoRA);
+    bmm and SDPA: attention's q.k and weights.v (on the meta device SDPA runs as its math decomposition)."""
+    if "convolution" in op:
+        return "convolutions"
+    name = op.split(".")[-1]
+    if "scaled_dot_product" in op or name in ("bmm", "baddbmm"):
+        return "attention (q.k, weights.v)"
+    if name in ("mm", "addmm"):
+        return "linear layers"
+    return op
 
 
 def encoder_flops(resolution: int, batch: int) -> float:
@@ -117,12 +135,15 @@ def main() -> None:
         print("no CUDA GPU here: FLOPs only")
     print(f"{'res':>5} {'ckpt':>5} {'fwd TFLOP':>9} {'step TFLOP':>10} {'uncached +':>10}"
           + (f" {'it/s':>6} {'s/step':>7} {'peak GiB':>8} {'MFU':>6}" if cuda else ""))
+    shares: dict[int, dict[str, float]] = {}
     for res in args.resolutions:
         encoders = encoder_flops(res, 1)
         for ckpt in (False, True):
             cfg = compose_cfg(f"precision={args.precision}", f"optimizer={args.optimizer}", f"data.resolution={res}",
                               f"train.gradient_checkpointing={ckpt}", f"train.compile={args.compile}")
-            forward, step = step_flops(cfg)
+            forward, step, by_op = step_flops(cfg)
+            if not ckpt:
+                shares[res] = {kind: flops / step for kind, flops in by_op.items()}
             # "uncached +": what running the VAE and text encoders every step would add to it
             line = f"{res:>5} {str(ckpt):>5} {forward / 1e12:>9.2f} {step / 1e12:>10.2f} {encoders / step:>10.0%}"
             if cuda:
@@ -134,6 +155,9 @@ def main() -> None:
                     line += f"  out of memory under {args.cap_gb:g} GiB"
                     torch.cuda.empty_cache()
             print(line, flush=True)
+    for res, kinds in shares.items():
+        print(f"{res} px, a step's FLOPs by kind of op (forward and backward, no checkpointing): "
+              + ", ".join(f"{kind} {share:.0%}" for kind, share in sorted(kinds.items(), key=lambda kv: -kv[1])))
     print("uncached +: the FLOPs of the VAE encoding and both text encoders, which diffusers' SDXL LoRA script "
           "runs every step and sdsweep's feature cache runs once per image, as a share of the UNet step")
     print(f"SDXL UNet (2.57 B parameters, random weights), LoRA rank 16 on attention, batch 1, "
