@@ -28,6 +28,8 @@ PIPELINES = {
 TRAINING = ["diffusers.optimization", "diffusers.training_utils", "peft", "accelerate", "safetensors.torch",
             "transformers.models.clip.modeling_clip", "pandas"]  # pandas: the board, rewritten after each trial
 EVALUATION = ["open_clip", "torchmetrics.image", "torchvision.transforms"]
+# wandb.init imports its launch package (and with it the public API client) at every first run of a process
+WANDB = ["wandb", "wandb.sdk.launch.inputs.internal"]
 WEIGHT_FREE_METRICS = {"random_style"}  # scored without open_clip (a random network of its own)
 
 
@@ -35,7 +37,7 @@ def libraries(cfg: DictConfig | None) -> list[str]:
     """The modules a trial of `cfg` imports after its start (all that any trial may, for None)."""
     if cfg is None:
         return [*PIPELINES.values(), *TRAINING, "transformers.models.t5.modeling_t5", *EVALUATION, "torch._dynamo",
-                "wandb", "bitsandbytes", "prodigyopt"]
+                *WANDB, "bitsandbytes", "prodigyopt"]
     names = [PIPELINES[cfg.model.family], *TRAINING]
     if cfg.model.family == "sd3":
         names.append("transformers.models.t5.modeling_t5")
@@ -45,7 +47,7 @@ def libraries(cfg: DictConfig | None) -> list[str]:
     if "kid" in metrics:
         names.append("torchmetrics.image")
     if cfg.tracking.mode != "disabled":
-        names.append("wandb")
+        names += WANDB
     names += {"adamw8bit": ["bitsandbytes"], "prodigy": ["prodigyopt"]}.get(cfg.optimizer.name, [])
     if cfg.train.compile:
         names.append("torch._dynamo")
