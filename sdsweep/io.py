@@ -121,6 +121,13 @@ def _make_temp_dir(path: Path) -> Path:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
+def file_state(path: Path) -> tuple[str, int, int]:
+    """(resolved path, size, modification time in ns): what something remembered or cached from a file's
+    contents is keyed on, so that a rewritten file is read again. Raises OSError when it cannot be read."""
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     with _staged(path, lambda: None):

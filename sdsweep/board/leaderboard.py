@@ -60,7 +60,7 @@ from sdsweep.board.effects import RESOLUTION as METRIC_RESOLUTION
 from sdsweep.board.effects import RESOURCES as EFFECT_RESOURCES
 from sdsweep.board.record import Leaderboard, RowSource
 from sdsweep.config.schema import GROUPS, SCORE_KEYS, EvalConfig
-from sdsweep.io import atomic_write_bytes
+from sdsweep.io import atomic_write_bytes, file_state
 from sdsweep.layout import METRICS as METRICS_FILE
 from sdsweep.layout import BaseDir, SweepDir, TrialDir, UnreadableRecord
 
@@ -195,17 +195,16 @@ def trial_seed(trial: TrialDir, overrides: list[str]) -> int | None:
             value = o.split("=", 1)[1]
             return int(value) if value.lstrip("-").isdigit() else None
     try:
-        stat = trial.config.stat()
+        return _config_seed(*file_state(trial.config))
     except OSError:
         return None
-    return _config_seed(str(trial.config), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=4096)
-def _config_seed(path: str, mtime_ns: int, size: int) -> int | None:
-    """The seed of a trial's .hydra/config.yaml, remembered by its path, modification time and size: the
-    board is rewritten after every trial of a sweep, and parsing each earlier trial's config again cost
-    ~30 ms a trial each time."""
+def _config_seed(path: str, size: int, mtime_ns: int) -> int | None:
+    """The seed of a trial's .hydra/config.yaml, remembered by the file's state (io.file_state): the board
+    is rewritten after every trial of a sweep, and parsing each earlier trial's config again cost ~30 ms
+    a trial each time."""
     from omegaconf import OmegaConf
 
     try:

@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from sdsweep.board.record import Leaderboard, RowSource
+from sdsweep.io import file_state
 
 THUMB = 256  # longest side of an embedded image; keeps a 1024-px sweep's report a few MB
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -28,8 +29,7 @@ def _png(path: Path) -> str:
     """The image as an embedded thumbnail. Remembered by file (path, size, modification time): the report
     is rewritten after every trial of a sweep, and encoding every earlier trial's samples again made that
     quadratic in the number of trials."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = file_state(path)
     if (cached := _THUMBNAILS.get(key)) is None:
         cached = _THUMBNAILS[key] = _encode_png(path)
         while len(_THUMBNAILS) > MAX_THUMBNAILS:  # oldest first: a long-lived process stays bounded

@@ -54,7 +54,7 @@ from sdsweep.config.schema import trains_text_encoders
 from sdsweep.data import toy_world
 from sdsweep.data.dataset import CaptionedImages, cover_size
 from sdsweep.data.folder import Record
-from sdsweep.io import atomic_write_bytes
+from sdsweep.io import atomic_write_bytes, file_state
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -299,8 +299,7 @@ class LatentStore:
         self.namespace, self.entries = namespace, EntryStore(Path(root) / "latents" / namespace)
 
     def key(self, record, view) -> str:
-        stat = Path(record.path).stat()
-        where = [str(Path(record.path).resolve()), stat.st_size, stat.st_mtime_ns]
+        where = list(file_state(Path(record.path)))  # a list, as the key was always hashed: cached entries stay valid
         return _hash(self.namespace, where, list(view.target), list(view.resized), view.top, view.left, view.flip)
 
     def load(self, record, view) -> torch.Tensor:
