@@ -27,7 +27,8 @@ PIPELINES = {
 }
 TRAINING = ["diffusers.optimization", "diffusers.training_utils", "peft", "accelerate", "safetensors.torch",
             "transformers.models.clip.modeling_clip", "pandas"]  # pandas: the board, rewritten after each trial
-EVALUATION = ["open_clip", "torchmetrics.image", "torchvision.transforms"]
+CLIP = ["open_clip", "torchvision.transforms"]  # every metric but the weight-free ones scores through CLIP
+KID = ["torchmetrics.image"]
 # wandb.init imports its launch package (and with it the public API client) at every first run of a process
 WANDB = ["wandb", "wandb.sdk.launch.inputs.internal"]
 WEIGHT_FREE_METRICS = {"random_style"}  # scored without open_clip (a random network of its own)
@@ -36,16 +37,16 @@ WEIGHT_FREE_METRICS = {"random_style"}  # scored without open_clip (a random net
 def libraries(cfg: DictConfig | None) -> list[str]:
     """The modules a trial of `cfg` imports after its start (all that any trial may, for None)."""
     if cfg is None:
-        return [*PIPELINES.values(), *TRAINING, "transformers.models.t5.modeling_t5", *EVALUATION, "torch._dynamo",
+        return [*PIPELINES.values(), *TRAINING, "transformers.models.t5.modeling_t5", *CLIP, *KID, "torch._dynamo",
                 *WANDB, "bitsandbytes", "prodigyopt"]
     names = [PIPELINES[cfg.model.family], *TRAINING]
     if cfg.model.family == "sd3":
         names.append("transformers.models.t5.modeling_t5")
     metrics = set(cfg.eval.metrics) if cfg.eval.enabled else set()
-    if metrics - WEIGHT_FREE_METRICS:  # CLIP (and with it timm, torchvision) scores them
-        names += ["open_clip", "torchvision.transforms"]
+    if metrics - WEIGHT_FREE_METRICS:
+        names += CLIP
     if "kid" in metrics:
-        names.append("torchmetrics.image")
+        names += KID
     if cfg.tracking.mode != "disabled":
         names += WANDB
     names += {"adamw8bit": ["bitsandbytes"], "prodigy": ["prodigyopt"]}.get(cfg.optimizer.name, [])
