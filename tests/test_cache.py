@@ -215,14 +215,22 @@ def test_another_vae_or_dtype_is_another_namespace(make_cfg):
 
 def test_a_used_tokenizer_keeps_its_fingerprint(make_cfg):
     """The kept base hands the next trial tokenizers that have tokenized; their cache namespace stays."""
+    import copy
+
     from sdsweep.data.cache import tokenizer_fingerprint
     from sdsweep.model import kept_base
 
     components, _ = kept_base.acquire(make_cfg(), torch.device("cpu"))
     tokenizer = components.tokenizers[0]
     before = tokenizer_fingerprint(tokenizer)
-    tokenizer(["a caption"], padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
+    ids = tokenizer(["a caption"], padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
+    backend = tokenizer.backend_tokenizer
+    state = backend.truncation, backend.padding
     assert tokenizer_fingerprint(tokenizer) == before
+    assert tokenizer_fingerprint(copy.deepcopy(tokenizer)) == before  # computed afresh, not remembered
+    assert (backend.truncation, backend.padding) == state  # the call's settings are left as they were
+    assert tokenizer(["a caption"], padding="max_length", truncation=True,
+                     max_length=tokenizer.model_max_length).input_ids == ids.input_ids
 
 
 def test_a_tokenizer_fingerprint_follows_added_tokens(make_cfg):
@@ -251,9 +259,9 @@ def test_a_tokenizer_fingerprint_follows_added_tokens(make_cfg):
     assert cache.tokenizer_fingerprint(tokenizer) == before == cache._tokenizer_spec_hash(tokenizer)
 
 
-def test_a_tokenizer_loaded_again_from_the_same_files_is_not_serialised_again(make_cfg, tmp_path, monkeypatch):
-    """A trial that loads the base afresh gets new tokenizer objects from the same folder: the fingerprint
-    is the remembered one. Files written anew (another vocabulary) are hashed again."""
+def test_a_tokenizer_loaded_again_from_the_same_files_has_the_same_fingerprint(make_cfg, tmp_path):
+    """A trial that loads the base afresh gets new tokenizer objects from the same folder: the same
+    fingerprint (its text cache hits). Files written anew with another vocabulary: another one."""
     from transformers import CLIPTokenizer
 
     from sdsweep.data import cache
@@ -262,11 +270,31 @@ def test_a_tokenizer_loaded_again_from_the_same_files_is_not_serialised_again(ma
     components, _ = kept_base.acquire(make_cfg(), torch.device("cpu"))
     components.tokenizers[0].save_pretrained(tmp_path / "tok")
     first = cache.tokenizer_fingerprint(CLIPTokenizer.from_pretrained(tmp_path / "tok"))
-    computed = []
-    monkeypatch.setattr(cache, "_tokenizer_spec_hash", lambda t: computed.append(t) or "computed")
-    assert cache.tokenizer_fingerprint(CLIPTokenizer.from_pretrained(tmp_path / "tok")) == first and not computed
+    assert cache.tokenizer_fingerprint(CLIPTokenizer.from_pretrained(tmp_path / "tok")) == first
     other = CLIPTokenizer.from_pretrained(tmp_path / "tok")
     other.add_tokens(["<in-the-files>"])
     other.save_pretrained(tmp_path / "tok")  # the folder now holds another vocabulary
-    assert cache.tokenizer_fingerprint(CLIPTokenizer.from_pretrained(tmp_path / "tok")) == "computed"
-    assert len(computed) == 1
+    assert cache.tokenizer_fingerprint(CLIPTokenizer.from_pretrained(tmp_path / "tok")) != first
+
+
+def test_two_tokenizers_of_one_model_folder_keep_their_own_fingerprints(make_cfg, tmp_path):
+    """from_pretrained(folder, subfolder=...) names the model's folder, not the tokenizer's: two
+    tokenizers of one model, alike in size and special tokens but mapping words to other ids, must not
+    share a fingerprint (the text cache would hand one's embeddings to the other)."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    from sdsweep.data import cache
+    from sdsweep.model import kept_base
+
+    components, _ = kept_base.acquire(make_cfg(), torch.device("cpu"))
+    for sub in ("tokenizer", "tokenizer_2"):
+        components.tokenizers[0].save_pretrained(tmp_path / sub)
+    spec = json.loads((tmp_path / "tokenizer_2" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["cat</w>"], vocab["dog</w>"] = vocab["dog</w>"], vocab["cat</w>"]  # same size, other ids
+    (tmp_path / "tokenizer_2" / "tokenizer.json").write_text(json.dumps(spec))
+    first, second = (CLIPTokenizer.from_pretrained(tmp_path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2"))
+    assert first("a cat").input_ids != second("a cat").input_ids
+    assert cache.tokenizer_fingerprint(first) != cache.tokenizer_fingerprint(second)
