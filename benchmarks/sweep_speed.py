@@ -98,6 +98,24 @@ def summarize(rows: list[dict], wall: float) -> dict:
             **{p: sum(r.get(p) or 0.0 for r in rows) for p in PHASES}}
 
 
+def projected_share(rows: list[dict], wall: float, steps: int, target: int) -> float:
+    """The share of the sweep's wall time in training steps had each cell trained `target` steps: the
+    same per-trial and per-sweep costs, the extra steps at each trial's measured steady rate
+    (steps_per_s leaves out the warm-up steps, which a longer trial pays only once too)."""
+    extra = sum((target - steps) / r["steps_per_s"] for r in rows)
+    return (sum(r["train_s"] for r in rows) + extra) / (wall + extra)
+
+
+def refuse_bad_cells(overrides: list[str]) -> None:
+    """What `python -m sdsweep -m` checks before its first trial (a missing scorer's weights, a bad
+    value), checked here too: a benchmark on a lent GPU must not find out after loading SDXL."""
+    from sdsweep.sweep.preflight import preflight
+
+    problems = preflight(overrides)
+    if problems:
+        sys.exit("sweep_speed.py: fix these first:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="*", default=["adapter=lora,dora", "targets=attn,many"],
@@ -106,6 +124,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
     parser.add_argument("--out", type=Path, default=None, help="keep the trial folders here (default: a temp dir)")
+    parser.add_argument("--project-steps", type=int, default=None,
+                        help="also print each sweep's train share had every cell trained this many steps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -115,6 +135,7 @@ def main() -> None:
     _quiet_libraries()
     cells = expand_cells(args.cells)
     common = [f"train.max_steps={args.steps}", "tracking.mode=disabled", *args.set]
+    refuse_bad_cells([*MODES[args.modes[0]], *common, *args.cells])
     root = args.out or Path(tempfile.mkdtemp(prefix="sdsweep-bench-"))
     print(f"{len(cells)} cells x {args.steps} steps, modes {args.modes}; trial folders in {root}")
     # one throw-away step first: imports, lazy initialisation and the tiny model's build are paid here
@@ -123,7 +144,10 @@ def main() -> None:
     for mode in args.modes:
         started = time.perf_counter()
         rows = run_mode(mode, cells, common, root)
-        summaries[mode] = summarize(rows, time.perf_counter() - started)
+        wall = time.perf_counter() - started
+        summaries[mode] = summarize(rows, wall)
+        if args.project_steps:
+            summaries[mode]["projected"] = projected_share(rows, wall, args.steps, args.project_steps)
         print_trials(mode, rows)
 
     print("\n== per sweep ==")
@@ -131,6 +155,10 @@ def main() -> None:
     for mode, s in summaries.items():
         print(f"{mode:10s} {s['wall_s']:8.1f} {s['train_s']:8.1f} {s['train_share']:11.0%} "
               + " ".join(f"{s[p]:7.1f}" for p in PHASES))
+    for mode, s in summaries.items():
+        if "projected" in s:
+            print(f"{mode}: train share at {args.project_steps} steps per cell, projected from these trials' "
+                  f"costs and steady step rates: {s['projected']:.0%}")
     if len(summaries) == 2:
         ours, ref = summaries["sdsweep"], summaries["reference"]
         print(f"\nreference / sdsweep: whole sweep {ref['wall_s'] / ours['wall_s']:.2f}x, "

@@ -39,3 +39,28 @@ def test_the_sdxl_step_benchmark_trains_the_adapter_of_a_tiny_sdxl(cache_dir):
     assert changed and all("lora_" in n for n in changed)
     assert len(changed) == len(trainer.params)  # every adapter tensor learned, the base none
     assert torch.isfinite(trainer.forward_loss())
+
+
+def test_the_sweep_benchmark_projects_the_train_share_of_longer_trials():
+    """Two trials of 10 steps, each 1 s of steps at a steady 10 steps/s and 1 s of everything else, in a
+    sweep of 5 s: at 100 steps each trains 9 s more, so 2 + 18 s of 5 + 18 s are steps."""
+    sweep_speed = _import_benchmark("sweep_speed")
+    rows = [{"train_s": 1.0, "steps_per_s": 10.0}, {"train_s": 1.0, "steps_per_s": 10.0}]
+    assert sweep_speed.projected_share(rows, wall=5.0, steps=10, target=100) == 20 / 23
+    assert sweep_speed.projected_share(rows, wall=5.0, steps=10, target=10) == 2 / 5
+
+
+def test_the_sweep_benchmark_refuses_cells_a_sweep_would_refuse(cache_dir, monkeypatch, capsys):
+    """gpu_check.sh's sweep on an offline GPU machine: scoring with CLIP weights that are not there is
+    refused before anything loads, with the fix, as `python -m sdsweep -m` refuses it."""
+    import pytest
+
+    sweep_speed = _import_benchmark("sweep_speed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(cache_dir / "empty-hf-home"))
+    base = ["model=tiny-sdxl", f"model.cache_dir={cache_dir}", "adapter=lora,dora"]
+    with pytest.raises(SystemExit) as refused:
+        sweep_speed.refuse_bad_cells([*base, "eval.clip_model=ViT-B-32", "eval.clip_pretrained=openai",
+                                      "eval.allow_stand_in=false"])
+    assert "eval.clip_model=ViT-B-32" in str(refused.value) and "Fix:" in str(refused.value)
+    sweep_speed.refuse_bad_cells([*base, "eval.enabled=false"])  # what gpu_check.sh sweeps: accepted
