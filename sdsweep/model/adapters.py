@@ -15,11 +15,15 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from sdsweep.config.schema import AdapterConfig
 from sdsweep.io import atomic_dir
+
+if TYPE_CHECKING:
+    from sdsweep.export.kohya import Component
 
 log = logging.getLogger(__name__)
 # Layer types peft can wrap with every adapter kind we offer.
@@ -137,8 +141,11 @@ def save_adapter(folder: Path, family: str, kind: str, modules: dict[str, torch.
         with atomic_dir(folder) as tmp:
             save_denoiser(tmp, family, modules["unet"])
         return folder
-    adapted = {pipeline_component(family, n): m for n, m in modules.items()
-               if getattr(m, "_hf_peft_config_loaded", False)}
+    from sdsweep.export import saved
+
+    # each adapter's tensors and config read once (peft filters the whole model's state dict for them)
+    # for every file below
+    adapted = saved.from_modules({pipeline_component(family, n): m for n, m in modules.items()})
     with atomic_dir(folder) as tmp:
         if kind in ("lora", "dora"):
             _save_diffusers_lora(tmp, family, adapted)
@@ -172,13 +179,13 @@ def load_denoiser(folder: Path, component: str, like: torch.nn.Module) -> torch.
     return type(like).from_pretrained(sub, torch_dtype=parameter.dtype).to(parameter.device).eval()
 
 
-def _save_exports(tmp: Path, folder: Path, family: str, kind: str, adapted: dict[str, torch.nn.Module],
+def _save_exports(tmp: Path, folder: Path, family: str, kind: str, adapted: dict[str, Component],
                   trial_config: Mapping | None) -> None:
     """The kohya/LyCORIS file and the model card beside the files above. They must never cost the trained
     adapter: a failure is a warning naming the cause (and the command that writes them later), not an error."""
     from omegaconf import DictConfig, OmegaConf
 
-    from sdsweep.export import card, kohya, saved
+    from sdsweep.export import card, kohya
     from sdsweep.export.trial import read_config
     from sdsweep.layout import KOHYA_ADAPTER, TrialDir
 
@@ -188,48 +195,40 @@ def _save_exports(tmp: Path, folder: Path, family: str, kind: str, adapted: dict
             config = OmegaConf.to_container(trial_config, resolve=True)
         else:
             config = dict(trial_config) if trial_config is not None else read_config(trial.path)
-        kohya.write_kohya(tmp / KOHYA_ADAPTER, family, saved.from_modules(adapted), kind, config, trial.name)
+        kohya.write_kohya(tmp / KOHYA_ADAPTER, family, adapted, kind, config, trial.name)
         card.write_card(tmp, family, kind, config, trial)
     except Exception as e:  # noqa: BLE001 - the adapter itself is saved; these are copies of it
         log.warning("%s / %s not written (%s: %s); `python -m sdsweep.export %s --format kohya` writes them "
                     "from the saved adapter", KOHYA_ADAPTER, card.CARD, type(e).__name__, e, trial.path)
 
 
-def _save_diffusers_lora(folder: Path, family: str, adapted: dict[str, torch.nn.Module]) -> None:
-    from peft.utils import get_peft_model_state_dict
-
+def _save_diffusers_lora(folder: Path, family: str, adapted: dict[str, Component]) -> None:
     from sdsweep.model.load import pipeline_class
 
     kwargs = {}
-    for name, module in adapted.items():
+    for name, component in adapted.items():
         # peft's key names, which every diffusers LoRA loader reads. convert_state_dict_to_diffusers
         # would rename only the attention keys (lora.down/up) and leave conv keys as lora_A/B: a
         # mix the SD/SDXL loader half-reads with only a warning (targets=many lost its attention
         # layers), and SD3's loader does not read the old names at all.
-        layers = get_peft_model_state_dict(module)
-        kwargs[f"{name}_lora_layers"] = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
-        kwargs[f"{name}_lora_adapter_metadata"] = _config_dict(module)
+        kwargs[f"{name}_lora_layers"] = _portable(component.state)
+        kwargs[f"{name}_lora_adapter_metadata"] = component.config
     pipeline_class(family).save_lora_weights(folder, weight_name=LORA_WEIGHTS, **kwargs)
 
 
-def _config_dict(module: torch.nn.Module) -> dict:
-    """peft's config of `module`'s adapter, its sets (target_modules) sorted: a set's order follows the
-    process's string hashing, so the saved file would differ between two runs of one trial."""
-    config = module.peft_config["default"].to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+def _portable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 on the CPU, as every adapter file is written whatever the trial trained in."""
+    return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
 
 
-def _save_peft(folder: Path, adapted: dict[str, torch.nn.Module]) -> None:
-    from peft.utils import get_peft_model_state_dict
+def _save_peft(folder: Path, adapted: dict[str, Component]) -> None:
     from safetensors.torch import save_file
 
-    for name, module in adapted.items():
+    for name, component in adapted.items():
         sub = folder / name
         sub.mkdir(parents=True)
-        state = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()}
-        save_file(state, sub / "adapter_model.safetensors")
-        config = _config_dict(module)
-        (sub / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+        save_file(_portable(component.state), sub / "adapter_model.safetensors")
+        (sub / "adapter_config.json").write_text(json.dumps(component.config, indent=2, default=str))
 
 
 def load_adapter(folder: Path, modules: dict[str, torch.nn.Module]) -> None:
