@@ -15,8 +15,9 @@ from sdsweep.sweep import collector
 
 
 @pytest.fixture
-def unfrozen():
+def unfrozen(monkeypatch):
     """This worker as a fresh CLI process sees it: nothing frozen (the worker is frozen again afterwards)."""
+    monkeypatch.setattr(collector, "_frozen", False)
     gc.unfreeze()
     yield
     gc.collect()
@@ -31,6 +32,9 @@ def test_the_first_trial_freezes_its_libraries_once_and_later_garbage_is_still_c
     assert gc.get_freeze_count() > 100_000  # the libraries' objects
     assert all(name in sys.modules for name in collector.libraries(cfg))
     assert collector.freeze_libraries(cfg) is False  # once per process
+    gc.unfreeze()
+    assert collector.freeze_libraries(cfg) is False and gc.get_freeze_count() == 0  # without counting again
+    gc.freeze()
 
     class Node:
         pass

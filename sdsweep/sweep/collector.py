@@ -63,14 +63,24 @@ def import_all(names: list[str]) -> None:
             pass
 
 
+_frozen = False
+"""Whether this process froze (or found frozen) its libraries: gc.get_freeze_count() walks every frozen
+object (0.06 s with 600,000 of them), too slow to ask before every trial."""
+
+
 def freeze_libraries(cfg: DictConfig) -> bool:
     """Import what a trial of `cfg` will, then freeze every object alive, once per process and only while
     no base model is kept loaded. True if it froze now."""
+    global _frozen
     from sdsweep.model import kept_base
 
-    if gc.get_freeze_count() or kept_base.holds_model():
-        return False  # frozen before (an earlier trial, the test worker), or a model would be frozen too
+    if _frozen or kept_base.holds_model():
+        return False  # frozen before (an earlier trial), or a model would be frozen too
+    if gc.get_freeze_count():  # frozen by whoever runs this process (the test worker)
+        _frozen = True
+        return False
     import_all(libraries(cfg))
     gc.collect()  # what is garbage now is not frozen with the rest
     gc.freeze()
+    _frozen = True
     return True
