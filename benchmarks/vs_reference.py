@@ -2,6 +2,7 @@
 
     python benchmarks/vs_reference.py --reference PATH/train_text_to_image_lora_sdxl.py
     python benchmarks/vs_reference.py --reference PATH --like-for-like    # cells the script can express
+    python benchmarks/vs_reference.py --reference PATH --matched          # the script made to train each cell
 
 PATH is diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py (not part of this
 repository: a diffusers checkout has it). Both train the same model folder (the toy SDXL, built and
@@ -17,7 +18,9 @@ per cell, W&B offline, no validation and no evaluation, each a fresh process fro
 The default cells are the README's 2x2 (adapter=lora,dora targets=attn,many); the script trains plain
 LoRA on the UNet's attention (to_q/k/v/out) only, so each of its runs is the cheapest of the four cells.
 `--like-for-like` sweeps what the script can express instead (LoRA on attention at ranks 4, 8, 16, 32,
-alpha = rank as the script sets it), each reference run with that cell's --rank.
+alpha = rank as the script sets it), each reference run with that cell's --rank. `--matched` keeps the
+cells and makes each script run train that cell's adapter: the script run unchanged through
+benchmarks/reference_shim.py, which gives its UNet LoraConfig the cell's DoRA and target patterns.
 
 Prints both wall times, both mean training speeds (sdsweep: each trial's steps_per_s in metrics.json;
 the script: the rate its progress bar ends on) and the ratio; with --repeat N, N rounds of both and
@@ -70,15 +73,23 @@ def run_sweep(cells: list[str], steps: int, cache_dir: Path, out: Path, evaluate
     return wall, trials
 
 
-def run_reference(script: Path, model: Path, data: Path, rank: int, steps: int, out: Path) -> tuple[float, float]:
-    command = [sys.executable, str(script), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+SHIM = Path(__file__).resolve().parent / "reference_shim.py"
+
+
+def run_reference(script: Path, model: Path, data: Path, rank: int, steps: int, out: Path,
+                  match: dict | None = None) -> tuple[float, float]:
+    """One run of the script; with `match` ({"use_dora", "patterns"}) through the shim that makes its UNet
+    adapter that cell's."""
+    shim = [str(SHIM)] if match else []
+    command = [sys.executable, *shim, str(script), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
                "--resolution", "64", "--random_flip", "--train_batch_size", "2", "--max_train_steps", str(steps),
                "--learning_rate", "1e-3", "--lr_scheduler", "constant", "--rank", str(rank), "--seed", "0",
                "--mixed_precision", "no", "--dataloader_num_workers", "0", "--report_to", "wandb",
                "--output_dir", str(out)]
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = subprocess.run(command, env=environment(), cwd=out.parent, capture_output=True, text=True)
+    env = environment() | ({"SDSWEEP_MATCH": json.dumps(match)} if match else {})
+    result = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"the reference script failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -93,6 +104,8 @@ def main() -> None:
     parser.add_argument("--cells", nargs="*", default=["adapter=lora,dora", "targets=attn,many"])
     parser.add_argument("--like-for-like", action="store_true",
                         help=f"LoRA on attention at ranks {LIKE_FOR_LIKE_RANKS}, in both")
+    parser.add_argument("--matched", action="store_true",
+                        help="each script run trains its cell's adapter (DoRA, target patterns) through the shim")
     parser.add_argument("--with-eval", action="store_true", help="then the sweep once more with evaluation on")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of both; medians are printed")
     parser.add_argument("--out", type=Path, default=None, help="keep the folders here (default: a temp dir)")
@@ -113,10 +126,12 @@ def main() -> None:
     else:
         cells = args.cells
         ranks = [8] * len(expand_cells(cells))  # the script's LoRA at sdsweep's default rank, once per cell
+    matches = [cell_adapter(cell) for cell in expand_cells(cells)] if args.matched else [None] * len(ranks)
     print(f"{len(ranks)} cells x {args.steps} steps ({' '.join(cells)}); model {model}; data {data}; "
           f"folders in {out}", flush=True)
 
-    rounds = [one_round(args, cells, ranks, model, data, cache_dir, out / f"round{r}") for r in range(args.repeat)]
+    rounds = [one_round(args, cells, ranks, matches, model, data, cache_dir, out / f"round{r}")
+              for r in range(args.repeat)]
     print(f"\n{'':28s} {'wall s':>8s} {'mean it/s':>10s}   (median of {args.repeat} round(s))")
     print(f"{'sdsweep (one sweep)':28s} {median(r['sweep_s'] for r in rounds):8.1f} "
           f"{median(r['sweep_it_s'] for r in rounds):10.1f}")
@@ -133,7 +148,23 @@ def main() -> None:
               + ", ".join(f"{p[:-2]} {v:.1f} s" for p, v in phases.items()))
 
 
-def one_round(args, cells: list[str], ranks: list[int], model: Path, data: Path, cache_dir: Path, out: Path) -> dict:
+def cell_adapter(cell: list[str]) -> dict:
+    """What the shim gives the script's UNet adapter for this cell: DoRA or not, the targets' patterns."""
+    from hydra import compose, initialize_config_module
+
+    from sdsweep.config.store import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=cell)
+    if cfg.adapter.kind not in ("lora", "dora") or cfg.adapter.rank != 8:
+        sys.exit(f"--matched: the cell {cell} trains {cfg.adapter.kind} at rank {cfg.adapter.rank}; the script "
+                 "trains LoRA or (through the shim) DoRA, at rank 8 here")
+    return {"use_dora": cfg.adapter.kind == "dora", "patterns": list(cfg.targets.patterns)}
+
+
+def one_round(args, cells: list[str], ranks: list[int], matches: list[dict | None], model: Path, data: Path,
+              cache_dir: Path, out: Path) -> dict:
     """The sweep, then the script once per cell: a round's figures (rounds repeat both, a machine's noise
     falls on both alike)."""
     sweep_wall, trials = run_sweep(cells, args.steps, cache_dir, out / "sdsweep")
@@ -142,10 +173,11 @@ def one_round(args, cells: list[str], ranks: list[int], model: Path, data: Path,
         print(f"  {' '.join(t['overrides'][:3]):45s} {t['steps_per_s']:6.1f} it/s  train {t['train_s']:5.1f} s  "
               f"trial {t['wall_s']:5.1f} s")
     reference = []
-    for i, rank in enumerate(ranks):
-        wall, rate = run_reference(args.reference, model, data, rank, args.steps, out / "reference" / f"run{i}")
+    for i, (rank, match) in enumerate(zip(ranks, matches)):
+        wall, rate = run_reference(args.reference, model, data, rank, args.steps, out / "reference" / f"run{i}", match)
         reference.append((wall, rate))
-        print(f"reference run {i} (--rank {rank}): {wall:.1f} s, {rate:.1f} it/s", flush=True)
+        what = f", {'DoRA' if match['use_dora'] else 'LoRA'} on {len(match['patterns'])} pattern(s)" if match else ""
+        print(f"reference run {i} (--rank {rank}{what}): {wall:.1f} s, {rate:.1f} it/s", flush=True)
     return {"sweep_s": sweep_wall, "sweep_it_s": sum(t["steps_per_s"] for t in trials) / len(trials),
             "reference_s": sum(w for w, _ in reference), "reference_it_s": sum(r for _, r in reference) / len(reference)}
 
