@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sdxl_random import SdxlTrainer  # noqa: E402
+from sdxl_random import SdxlTrainer, cap_memory  # noqa: E402
 from sdxl_random import compose_cfg as sdxl_compose  # noqa: E402
 
 from sdsweep.config.store import register_configs  # noqa: E402
@@ -67,9 +67,12 @@ def measure(cfg) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="512 px only")
+    parser.add_argument("--cap-gb", type=float, default=None, help="cap the GPU memory (16: a T4's)")
     args = parser.parse_args()
     register_configs()
     cuda = torch.cuda.is_available()
+    if cuda:
+        print(cap_memory(args.cap_gb))
     if not cuda:
         print("no CUDA GPU here: predictions only (a CPU measurement of the tiny models would not say "
               "anything about a GPU's peak)\n")

@@ -70,12 +70,12 @@ fi
 # shellcheck disable=SC2086  # step_res is a list of resolutions
 stage step_speed python3 benchmarks/step_speed.py --cap-gb 16 --steps 10 --resolutions $step_res
 # 2. the estimator's prediction against the measured peak (goal: within 15 %)
-stage estimate_vs_measured python3 benchmarks/estimate_vs_measured.py $($dry && echo --quick)
+stage estimate_vs_measured python3 benchmarks/estimate_vs_measured.py --cap-gb 16 $($dry && echo --quick)
 # 3. whole trials: a 2x2 sweep on a random-weight SDXL folder loaded through from_pretrained, the share
 # of its wall time in training steps (goal: 90 % at 500 steps a cell; measured at $steps and projected).
 # Evaluation off: the goal is about training, and an offline machine has no CLIP weights to score with.
 $dry || stage sdxl_random python3 benchmarks/sdxl_random.py "$sdxl"
-stage sweep_speed python3 benchmarks/sweep_speed.py --modes sdsweep --steps "$steps" --project-steps 500 \
+stage sweep_speed python3 benchmarks/sweep_speed.py --modes sdsweep --steps "$steps" --project-steps 500 --cap-gb 16 \
   --set model=sdxl model.pretrained="$sdxl" precision=bf16 data.resolution="$res" data.crop=center \
   train.batch_size=1 eval.enabled=false
 # 4. the same step compiled (inductor; the warm-up steps include compiling, so it goes last)

@@ -42,6 +42,18 @@ def compose_cfg(*overrides: str):
             "model=sdxl", "train.batch_size=1", "adapter.rank=16", "targets=attn", *overrides])
 
 
+def cap_memory(gib: float | None) -> str:
+    """This process's CUDA memory capped at `gib` (torch.cuda.set_per_process_memory_fraction), so a larger
+    GPU measures what fits a T4's 16 GB; the line that says so."""
+    if gib is None:
+        return "GPU memory not capped"
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU here: nothing to cap at {gib:g} GiB"
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
+    return f"{torch.cuda.get_device_name()}: capped at {gib:g} of {total:.0f} GiB"
+
+
 def save_random_sdxl(folder: str, dtype: torch.dtype = torch.float16) -> None:
     """SDXL base's architecture with random weights, its real CLIP tokenizers and training
     scheduler, saved with `save_pretrained` as a pipeline folder (weights in `dtype`)."""

@@ -19,7 +19,7 @@ import argparse
 import time
 
 import torch
-from sdxl_random import SdxlTrainer, compose_cfg
+from sdxl_random import SdxlTrainer, cap_memory, compose_cfg
 
 PEAK_TFLOPS = {"T4": 65, "A10": 125, "L4": 121, "A100": 312, "H100": 989, "H200": 989, "4090": 165}
 
@@ -127,10 +127,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     peak = None
     if cuda:
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb / total))
         peak = gpu_peak_tflops(args.peak_tflops)
-        print(f"{torch.cuda.get_device_name()}, capped at {args.cap_gb:g} GiB, peak {peak} TFLOPS")
+        print(f"{cap_memory(args.cap_gb)}, peak {peak} TFLOPS")
     else:
         print("no CUDA GPU here: FLOPs only")
     print(f"{'res':>5} {'ckpt':>5} {'fwd TFLOP':>9} {'step TFLOP':>10} {'uncached +':>10}"

@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
     parser.add_argument("--out", type=Path, default=None, help="keep the trial folders here (default: a temp dir)")
+    parser.add_argument("--cap-gb", type=float, default=None,
+                        help="on CUDA: cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), "
+                             "e.g. 16 for a T4's budget on a larger GPU")
     parser.add_argument("--project-steps", type=int, default=None,
                         help="also print each sweep's train share had every cell trained this many steps")
     args = parser.parse_args()
@@ -136,6 +139,10 @@ def main() -> None:
     cells = expand_cells(args.cells)
     common = [f"train.max_steps={args.steps}", "tracking.mode=disabled", *args.set]
     refuse_bad_cells([*MODES[args.modes[0]], *common, *args.cells])
+    if args.cap_gb is not None:
+        from sdxl_random import cap_memory  # beside this script
+
+        print(cap_memory(args.cap_gb))
     root = args.out or Path(tempfile.mkdtemp(prefix="sdsweep-bench-"))
     print(f"{len(cells)} cells x {args.steps} steps, modes {args.modes}; trial folders in {root}")
     # one throw-away step first: imports, lazy initialisation and the tiny model's build are paid here
