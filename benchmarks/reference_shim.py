@@ -20,19 +20,28 @@ import sys
 
 import peft
 
-MATCH = json.loads(os.environ["SDSWEEP_MATCH"])
 SCRIPT_UNET_TARGETS = {"to_k", "to_q", "to_v", "to_out.0"}
 
 
-class MatchedLoraConfig(peft.LoraConfig):
-    def __post_init__(self):
-        if set(self.target_modules or ()) == SCRIPT_UNET_TARGETS:  # the UNet's; text encoders' stay
-            # peft full-matches a string against each module name, as sdsweep's patterns are matched
-            self.target_modules = "|".join(f"(?:{p})" for p in MATCH["patterns"])
-            self.use_dora = bool(MATCH["use_dora"])
-        super().__post_init__()
+def matched_config_class(match: dict) -> type:
+    """peft's LoraConfig, but a config made with the script's UNet targets becomes the cell's adapter."""
+
+    class MatchedLoraConfig(peft.LoraConfig):
+        def __post_init__(self):
+            if set(self.target_modules or ()) == SCRIPT_UNET_TARGETS:  # the UNet's; text encoders' stay
+                # peft full-matches a string against each module name, as sdsweep's patterns are matched
+                self.target_modules = "|".join(f"(?:{p})" for p in match["patterns"])
+                self.use_dora = bool(match["use_dora"])
+            super().__post_init__()
+
+    return MatchedLoraConfig
 
 
-peft.LoraConfig = MatchedLoraConfig
-sys.argv = sys.argv[1:]  # the script's own command line
-runpy.run_path(sys.argv[0], run_name="__main__")
+def main() -> None:
+    peft.LoraConfig = matched_config_class(json.loads(os.environ["SDSWEEP_MATCH"]))
+    sys.argv = sys.argv[1:]  # the script's own command line
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -64,3 +64,26 @@ def test_the_sweep_benchmark_refuses_cells_a_sweep_would_refuse(cache_dir, monke
                                       "eval.allow_stand_in=false"])
     assert "eval.clip_model=ViT-B-32" in str(refused.value) and "Fix:" in str(refused.value)
     sweep_speed.refuse_bad_cells([*base, "eval.enabled=false"])  # what gpu_check.sh sweeps: accepted
+
+
+def test_the_reference_shim_gives_the_scripts_unet_adapter_the_cells_layers(make_cfg):
+    """vs_reference.py --matched: diffusers' script, through the shim, adapts exactly the UNet modules
+    sdsweep's cell adapts (DoRA and targets=many here), and leaves its text encoders' config alone."""
+    import copy
+
+    from sdsweep.model import adapters, kept_base
+
+    shim = _import_benchmark("reference_shim")
+    cfg = make_cfg("adapter=dora", "targets=many")
+    config_class = shim.matched_config_class({"use_dora": True, "patterns": list(cfg.targets.patterns)})
+    components, _ = kept_base.acquire(make_cfg(), torch.device("cpu"))
+    unet = copy.deepcopy(components.denoiser)
+    # what the script builds (train_text_to_image_lora_sdxl.py), with the shim's class in place of peft's
+    unet.add_adapter(config_class(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                  target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    layers = {name: module for name, module in unet.named_modules() if hasattr(module, "lora_A")}
+    expected = set(adapters.resolve_targets(components.denoiser, list(cfg.targets.patterns), "unet"))
+    assert set(layers) == expected and len(expected) > 40  # attention, feed-forward, convolutions, embeddings
+    assert all("default" in layer.lora_magnitude_vector for layer in layers.values())  # DoRA's magnitudes
+    text = config_class(r=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    assert text.target_modules == {"q_proj", "k_proj", "v_proj", "out_proj"} and not text.use_dora
