@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 COMMON = ["train.batch_size=1", "adapter.rank=16"]

@@ -25,7 +25,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sdxl_random import SdxlTrainer, cap_memory  # noqa: E402

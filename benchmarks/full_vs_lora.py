@@ -15,9 +15,7 @@ offline), so it runs anywhere in about a minute.
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CELLS = {

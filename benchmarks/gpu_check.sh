@@ -16,9 +16,10 @@
 # On a machine with PyTorch but without sdsweep's other dependencies and no network (the device
 # machine), first fetch their wheels where pip works, then carry .whl/ along:
 #
-#   bash benchmarks/gpu_check.sh --fetch-wheels     # writes .whl/ (about 51 MB, Python 3.12, x86-64)
+#   bash benchmarks/gpu_check.sh --fetch-wheels     # writes .whl/ (about 50 MB, Python 3.12, x86-64)
 #
-# and the check installs them into /tmp/site before it starts (W&B is not needed: tracking is off).
+# and the check installs them into /tmp/site before it starts (W&B is not needed: tracking is off), and
+# this working tree into /tmp/site-sdsweep (setuptools and wheel are on the device, no network needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,8 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
       --platform manylinux2014_x86_64 -d .whl "$spec${version:+==$version}"
   done
   python3 -m pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w .whl  # hydra's parser: sdist only
-  python3 -m pip wheel -q --no-deps . -w .whl                                 # sdsweep itself, conf/ included
+  # not sdsweep itself: the check installs the working tree it is run from (a wheel made now would be
+  # stale after the next edit, and would be what the scripts import)
   du -sh .whl
   exit 0
 fi
@@ -43,6 +45,12 @@ mkdir -p "$out"
 if [ -d .whl ] && ! python3 -c "import diffusers, hydra" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
+fi
+# sdsweep from this working tree, installed (the benchmarks import the installed package: its conf/ is the
+# package sdsweep.conf only once installed; run from the tree, `sdsweep` would have no configs)
+if ! (cd /tmp && python3 -c "import sdsweep.conf") 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site-sdsweep .
+  export PYTHONPATH=/tmp/site-sdsweep${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 : > "$out/summary.txt"
