@@ -67,6 +67,22 @@ def save_random_sdxl(folder: str, dtype: torch.dtype = torch.float16) -> None:
         sdxl_pipeline(Path(tmp), **parts).save_pretrained(folder)
 
 
+_BUILT: dict[str, torch.nn.Module] | None = None
+
+
+def random_parts() -> dict[str, torch.nn.Module]:
+    """SDXL's modules with random weights, built once per process and handed out as copies. Building them
+    takes 46 s on 2 CPU threads (every weight initialised in fp32), copying a few seconds; step_speed.py and
+    estimate_vs_measured.py build a trainer per config, and each trainer changes its own copy (adapter,
+    dtype, device)."""
+    import copy
+
+    global _BUILT
+    if _BUILT is None:
+        _BUILT = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()}
+    return copy.deepcopy(_BUILT)
+
+
 class SdxlTrainer:
     """The UNet with its adapter, optimizer and scaler, and one batch of latents and conditioning."""
 
@@ -76,7 +92,7 @@ class SdxlTrainer:
         from sdsweep.train.setup import build_optimizer, compiled
 
         if parts is None:
-            parts = {name: instantiate(cls, config) for name, (cls, config) in family_components("sdxl").items()}
+            parts = random_parts()
         for m in parts.values():
             m.requires_grad_(False)
         comps = models.Components("sdxl", "random", parts["unet"], parts["vae"],

@@ -87,3 +87,32 @@ def test_the_reference_shim_gives_the_scripts_unet_adapter_the_cells_layers(make
     assert all("default" in layer.lora_magnitude_vector for layer in layers.values())  # DoRA's magnitudes
     text = config_class(r=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
     assert text.target_modules == {"q_proj", "k_proj", "v_proj", "out_proj"} and not text.use_dora
+
+
+def test_the_sdxl_benchmarks_build_the_random_model_once_and_train_copies(cache_dir, monkeypatch):
+    """step_speed.py and estimate_vs_measured.py build a trainer per config: the random modules are built once
+    and each trainer gets a copy, so one trainer's adapter and dtype never reach the next (tiny SDXL here)."""
+    from sdsweep.model.load import load_components
+
+    sdxl_random = _import_benchmark("sdxl_random")
+    cfg = sdxl_random.compose_cfg("model=tiny-sdxl", f"model.cache_dir={cache_dir}", "precision=fp32",
+                                  "optimizer=adamw", "data.resolution=64", "train.batch_size=2")
+    c = load_components(cfg.model)
+    tiny = {"unet": ("UNet2DConditionModel", dict(c.denoiser.config)), "vae": ("AutoencoderKL", dict(c.vae.config)),
+            "text_encoder": ("CLIPTextModel", c.text_encoders[0].config.to_dict()),
+            "text_encoder_2": ("CLIPTextModelWithProjection", c.text_encoders[1].config.to_dict())}
+    built = []
+    monkeypatch.setattr(sdxl_random, "_BUILT", None)
+    monkeypatch.setattr(sdxl_random, "family_components", lambda family: built.append(family) or dict(tiny))
+
+    first = sdxl_random.SdxlTrainer(cfg, torch.device("cpu"))
+    first.step()
+    second = sdxl_random.SdxlTrainer(cfg, torch.device("cpu"))
+
+    assert built == ["sdxl"]  # built once
+    master = sdxl_random._BUILT["unet"]
+    assert not any("lora_" in n for n, _ in master.named_parameters())  # the trainers' adapters are their own
+    assert first.unet is not second.unet and first.unet is not master
+    frozen = {n.replace(".base_layer", ""): p for n, p in second.unet.named_parameters() if "lora_" not in n}
+    assert frozen.keys() == dict(master.named_parameters()).keys()
+    assert all(torch.equal(p, master.get_parameter(n)) for n, p in frozen.items())  # the same random base
