@@ -32,6 +32,8 @@ def from_modules(modules: Mapping[str, torch.nn.Module]) -> dict[str, Component]
         if not getattr(module, "_hf_peft_config_loaded", False):
             continue
         config = module.peft_config["default"].to_dict()
+        # sets (target_modules) sorted: a set's order follows the process's string hashing, so the saved
+        # files would differ between two runs of one trial
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         model_config = dict(module.config) if name == "unet" and hasattr(module, "config") else None
         out[name] = Component(dict(get_peft_model_state_dict(module)), config, model_config)
