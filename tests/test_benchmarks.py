@@ -116,3 +116,37 @@ def test_the_sdxl_benchmarks_build_the_random_model_once_and_train_copies(cache_
     frozen = {n.replace(".base_layer", ""): p for n, p in second.unet.named_parameters() if "lora_" not in n}
     assert frozen.keys() == dict(master.named_parameters()).keys()
     assert all(torch.equal(p, master.get_parameter(n)) for n, p in frozen.items())  # the same random base
+
+
+def test_the_benchmarks_use_sdsweep_as_gpu_check_installs_it_on_the_gpu_machine(tmp_path):
+    """gpu_check.sh pip-installs this working tree on the GPU machine, where no editable install exists; the
+    benchmark scripts must import that installed package (conf/ becomes sdsweep.conf only by installing),
+    never the repository's own sdsweep folder, which has no configs (they once put it first on sys.path)."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    pytest.importorskip("setuptools")
+    pytest.importorskip("wheel")
+    root = BENCHMARKS.parent
+    source = tmp_path / "tree"  # a copy: pip builds in the tree it installs
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    for name in ("sdsweep", "conf"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
+                    "--no-compile", "--target", str(site), str(source)], check=True, capture_output=True)
+    script = tmp_path / "compose.py"  # run as a script, as gpu_check.sh runs them: its folder is sys.path[0]
+    script.write_text(f"import sys\nsys.path.insert(1, {str(BENCHMARKS)!r})\nimport sdxl_random\nimport sdsweep\n"
+                      "print(sdsweep.__file__, sdxl_random.compose_cfg().model.family)\n")
+    libraries = [p for p in sys.path if p.endswith("site-packages")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *libraries]), "HF_HUB_OFFLINE": "1"}
+    # -S: no site-packages .pth files, so no editable install of sdsweep, as on the GPU machine
+    result = subprocess.run([sys.executable, "-S", str(script)], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    where, family = result.stdout.split()[-2:]
+    assert where.startswith(str(site)) and family == "sdxl"
