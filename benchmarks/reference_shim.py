@@ -1,7 +1,7 @@
 """Run diffusers' train_text_to_image_lora_sdxl.py with one sdsweep cell's adapter on the UNet
 (`benchmarks/vs_reference.py --matched`), so that the per-cell script trains what that cell trains:
 
-    SDSWEEP_MATCH='{"use_dora": true, "patterns": [".*attn[12]\\.(to_q|to_k|to_v|to_out\\.0)"]}' \
+    SDSWEEP_MATCH='{"use_dora": true, "patterns": [".*attn[12][.](to_q|to_k|to_v|to_out[.]0)"]}' \
         python benchmarks/reference_shim.py PATH/train_text_to_image_lora_sdxl.py --rank 8 ...
 
 The script builds its UNet adapter as `LoraConfig(target_modules=["to_k", "to_q", "to_v", "to_out.0"])`
