@@ -72,7 +72,7 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     if cuda:
         print(cap_memory(args.cap_gb))
-    if not cuda:
+    else:
         print("no CUDA GPU here: predictions only (a CPU measurement of the tiny models would not say "
               "anything about a GPU's peak)\n")
     print(f"{'res':>5} {'ckpt':>5} {'optimizer':>9} {'prec':>5} {'predicted':>9} {'phase':>14} {'est s':>6}"

@@ -64,13 +64,19 @@ def run_sweep(cells: list[str], steps: int, cache_dir: Path, out: Path, evaluate
                "train.lr=1e-3", "train.batch_size=2", "data.resolution=64", "optimizer.scheduler=constant",
                f"model.cache_dir={cache_dir}", f"cache.dir={out / 'features'}", f"hydra.sweep.dir={out / 'sweep'}"]
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = subprocess.run(command, env=environment(), cwd=out, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"sdsweep failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    wall, _ = timed(command, environment(), out, "sdsweep")
     trials = [json.loads(p.read_text()) for p in sorted((out / "sweep").glob("*/metrics.json"))]
     return wall, trials
+
+
+def timed(command: list[str], env: dict, cwd: Path, what: str) -> tuple[float, str]:
+    """Wall seconds of one run of `command` and its standard error; a failed run ends the benchmark."""
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"{what} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return wall, result.stderr
 
 
 SHIM = Path(__file__).resolve().parent / "reference_shim.py"
@@ -87,13 +93,9 @@ def run_reference(script: Path, model: Path, data: Path, rank: int, steps: int, 
                "--mixed_precision", "no", "--dataloader_num_workers", "0", "--report_to", "wandb",
                "--output_dir", str(out)]
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     env = environment() | ({"SDSWEEP_MATCH": json.dumps(match)} if match else {})
-    result = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"the reference script failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    rates = re.findall(r"([\d.]+)it/s", result.stderr)  # tqdm's progress bar: the last rate it shows
+    wall, stderr = timed(command, env, out.parent, "the reference script")
+    rates = re.findall(r"([\d.]+)it/s", stderr)  # tqdm's progress bar: the last rate it shows
     return wall, float(rates[-1]) if rates else float("nan")
 
 
@@ -150,13 +152,9 @@ def main() -> None:
 
 def cell_adapter(cell: list[str]) -> dict:
     """What the shim gives the script's UNet adapter for this cell: DoRA or not, the targets' patterns."""
-    from hydra import compose, initialize_config_module
+    from sweep_speed import compose  # beside this script
 
-    from sdsweep.config.store import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="sdsweep.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=cell)
+    cfg = compose(cell)
     if cfg.adapter.kind not in ("lora", "dora") or cfg.adapter.rank != 8:
         sys.exit(f"--matched: the cell {cell} trains {cfg.adapter.kind} at rank {cfg.adapter.rank}; the script "
                  "trains LoRA or (through the shim) DoRA, at rank 8 here")
