@@ -19,15 +19,20 @@ def _import_benchmark(name: str):
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_the_sdxl_step_benchmark_trains_the_adapter_of_a_tiny_sdxl(cache_dir):
-    """SdxlTrainer is what step_speed.py and estimate_vs_measured.py time on the GPU: here its steps change
-    the LoRA weights and nothing else, with the conditioning widths read from the UNet's config."""
+def _tiny_sdxl(cache_dir):
+    """sdxl_random, the config its trainer takes for the tiny SDXL, and the tiny SDXL's components."""
     from sdsweep.model.load import load_components
 
     sdxl_random = _import_benchmark("sdxl_random")
     cfg = sdxl_random.compose_cfg("model=tiny-sdxl", f"model.cache_dir={cache_dir}", "precision=fp32",
                                   "optimizer=adamw", "data.resolution=64", "train.batch_size=2")
-    c = load_components(cfg.model)
+    return sdxl_random, cfg, load_components(cfg.model)
+
+
+def test_the_sdxl_step_benchmark_trains_the_adapter_of_a_tiny_sdxl(cache_dir):
+    """SdxlTrainer is what step_speed.py and estimate_vs_measured.py time on the GPU: here its steps change
+    the LoRA weights and nothing else, with the conditioning widths read from the UNet's config."""
+    sdxl_random, cfg, c = _tiny_sdxl(cache_dir)
     parts = {"unet": c.denoiser, "vae": c.vae, "text_encoder": c.text_encoders[0], "text_encoder_2": c.text_encoders[1]}
     trainer = sdxl_random.SdxlTrainer(cfg, torch.device("cpu"), parts)
     before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters()}
@@ -50,7 +55,7 @@ def test_the_sweep_benchmark_projects_the_train_share_of_longer_trials():
     assert sweep_speed.projected_share(rows, wall=5.0, steps=10, target=10) == 2 / 5
 
 
-def test_the_sweep_benchmark_refuses_cells_a_sweep_would_refuse(cache_dir, monkeypatch, capsys):
+def test_the_sweep_benchmark_refuses_cells_a_sweep_would_refuse(cache_dir, monkeypatch):
     """gpu_check.sh's sweep on an offline GPU machine: scoring with CLIP weights that are not there is
     refused before anything loads, with the fix, as `python -m sdsweep -m` refuses it."""
     import pytest
@@ -92,12 +97,7 @@ def test_the_reference_shim_gives_the_scripts_unet_adapter_the_cells_layers(make
 def test_the_sdxl_benchmarks_build_the_random_model_once_and_train_copies(cache_dir, monkeypatch):
     """step_speed.py and estimate_vs_measured.py build a trainer per config: the random modules are built once
     and each trainer gets a copy, so one trainer's adapter and dtype never reach the next (tiny SDXL here)."""
-    from sdsweep.model.load import load_components
-
-    sdxl_random = _import_benchmark("sdxl_random")
-    cfg = sdxl_random.compose_cfg("model=tiny-sdxl", f"model.cache_dir={cache_dir}", "precision=fp32",
-                                  "optimizer=adamw", "data.resolution=64", "train.batch_size=2")
-    c = load_components(cfg.model)
+    sdxl_random, cfg, c = _tiny_sdxl(cache_dir)
     tiny = {"unet": ("UNet2DConditionModel", dict(c.denoiser.config)), "vae": ("AutoencoderKL", dict(c.vae.config)),
             "text_encoder": ("CLIPTextModel", c.text_encoders[0].config.to_dict()),
             "text_encoder_2": ("CLIPTextModelWithProjection", c.text_encoders[1].config.to_dict())}
